@@ -1,0 +1,94 @@
+"""The `tokenclean` command.
+
+  tokenclean                                   # fixed-model cleaning of SmolLM2-135M on chatterbot (~10 min on 2 CPU cores)
+  tokenclean model=tiny                        # the same job on a tiny model built from a config (< 1 min)
+  tokenclean pipeline=self_evolving selection.keep_ratio=0.6
+  tokenclean -m selection.keep_ratio=0.4,0.6,0.8          # a Hydra sweep, one run directory per point
+  accelerate launch --config_file launch/ddp.yaml -m tokenclean model=local model.name_or_path=/models/llama
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+import tokenclean.config  # noqa: F401  registers the typed schema with Hydra's ConfigStore
+
+
+def _conf_dir() -> str:
+    source = Path(__file__).resolve().parent.parent / "conf"     # a source checkout (editable install)
+    if (source / "config.yaml").exists():
+        return str(source)
+    return str(Path(__file__).resolve().parent / "conf")         # a wheel: conf/ ships as tokenclean/conf
+
+
+def _model_tag(name_or_path: str) -> str:
+    return name_or_path.split(":", 1)[1] if name_or_path.startswith("builtin:") else Path(name_or_path).name
+
+
+if not OmegaConf.has_resolver("model_tag"):
+    OmegaConf.register_new_resolver("model_tag", _model_tag)
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")
+def app(cfg: DictConfig) -> None:
+    from tokenclean.config import ConfigError, validate
+    from tokenclean.data import DataError
+
+    _setup_logging()
+    try:
+        typed = OmegaConf.to_object(cfg)
+        validate(typed)
+        from tokenclean.pipeline import Pipeline
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        pipeline = Pipeline(typed, run_dir, OmegaConf.to_container(cfg, resolve=True))
+        summary = pipeline.run()
+    except (ConfigError, DataError) as e:
+        print(f"tokenclean: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if pipeline.acc.is_main_process:
+        print(format_summary(summary))
+
+
+def format_summary(s: dict) -> str:
+    def f(x, fmt="{:.4f}"):
+        return "n/a" if x is None else fmt.format(x)
+
+    lines = [f"tokenclean: {s['pipeline']} pipeline finished in {s['seconds']:.0f}s"]
+    if s.get("rounds"):
+        for r in s["rounds"]:
+            lines.append(f"  round {r['round']}: kept {r['tokens_kept']:,}/{r['tokens_target']:,} tokens, "
+                         f"held-out loss {f(r.get('eval_loss'))}")
+    lines += [
+        f"  response tokens scored   {s.get('tokens_scored', 0):,}",
+        f"  response tokens kept     {s['tokens_kept']:,} of {s['tokens_target']:,} ({s['kept_ratio']:.1%})",
+        f"  held-out loss            {f(s.get('eval_loss_before'))} (base) -> {f(s.get('eval_loss_after'))} (cleaned)",
+    ]
+    if s.get("eval_loss_reference") is not None:
+        lines.append(f"  held-out loss reference  {f(s['eval_loss_reference'])}")
+    t = s.get("truncation", {})
+    if t.get("examples"):
+        lines.append(f"  truncated                {t['examples']} examples, {t['target_tokens']} response tokens lost")
+    lines += [f"  checkpoint               {s['checkpoint']}", f"  run directory            {s['run_dir']}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Per-token losses l(x_j) = -log p(x_j | x_<j) on response tokens, for scoring and for masked training.
+
+`TokenLoss` wraps a causal LM so that its forward returns the loss of each selected position only: the decoder
+runs once, then the LM head and the cross-entropy run over the selected positions in chunks, so fp32 logits of
+the whole batch ([batch, length, vocab]: 2 GB for 8 x 2048 x 128k) never exist. Wrapping the whole computation
+in one module keeps DDP and DeepSpeed in charge of it (ZeRO-3 gathers the LM head inside this forward).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from tokenclean.ragged import Ragged
+
+
+class TokenLoss(nn.Module):
+    def __init__(self, lm: nn.Module, chunk_size: int = 2048):
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = chunk_size
+
+    def causal_lm(self) -> nn.Module:
+        """The transformers CausalLM inside (under a peft wrapper, its LoRA layers are injected in place)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Losses (fp32) of the positions where `mask` is True, in row-major order.
+
+        With no position selected it returns one zero that is still connected to the graph (0 * a real loss):
+        every rank then runs the same backward, so DDP and ZeRO-3 never wait on a rank that skipped a step."""
+        lm = self.causal_lm()
+        decoder = getattr(lm, lm.base_model_prefix)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        mask = mask.clone()
+        mask[:, 0] = False                      # token 0 has no prefix to be predicted from
+        rows, cols = mask.nonzero(as_tuple=True)
+        empty = len(rows) == 0
+        if empty:
+            rows, cols = torch.zeros(1, dtype=torch.long, device=mask.device), torch.ones(1, dtype=torch.long,
+                                                                                         device=mask.device)
+            cols = cols.clamp(max=input_ids.shape[1] - 1)
+        h = hidden[rows, cols - 1]
+        y = input_ids[rows, cols]
+        head = lm.get_output_embeddings()
+        cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+        chunks = []
+        for start in range(0, len(y), self.chunk_size):
+            h_c, y_c = h[start:start + self.chunk_size], y[start:start + self.chunk_size]
+            if torch.is_grad_enabled() and len(y) > self.chunk_size:
+                # recompute each chunk's logits in backward rather than keep them all
+                chunks.append(checkpoint(_head_ce, head, h_c, y_c, cap, use_reentrant=False))
+            else:
+                chunks.append(_head_ce(head, h_c, y_c, cap))
+        losses = torch.cat(chunks)
+        return losses * 0 if empty else losses
+
+
+def _head_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor, cap) -> torch.Tensor:
+    logits = head(h).float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def collate(input_ids: Ragged, mask: Ragged, indices, pad_id: int) -> dict:
+    """Right-padded tensors for the examples at `indices`: input_ids, attention_mask, and the position mask."""
+    rows = [input_ids[int(i)] for i in indices]
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    attn = np.zeros((len(rows), width), dtype=np.int64)
+    sel = np.zeros((len(rows), width), dtype=bool)
+    for k, i in enumerate(indices):
+        n = len(rows[k])
+        ids[k, :n], attn[k, :n], sel[k, :n] = rows[k], 1, mask[int(i)]
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn), "mask": torch.from_numpy(sel)}
+
+
+def length_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Batches of examples of similar length (longest first, so running out of memory shows at once)."""
+    order = np.argsort(-lengths, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def token_losses(accelerator, model: nn.Module, input_ids: Ragged, target: Ragged, batch_size: int,
+                 pad_id: int, desc: str = "losses") -> Ragged:
+    """Per-token losses of `model` (a prepared TokenLoss) on every target position; NaN elsewhere.
+
+    Batches are dealt round-robin to the ranks, and every rank runs the same number of forward passes (a rank
+    with nothing left repeats a batch and discards it), which ZeRO-3 requires. Results are gathered on all ranks."""
+    batches = length_batches(input_ids.lengths, batch_size)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps = math.ceil(len(batches) / world)
+    was_training = model.training
+    model.eval()
+    mine = []
+    bar = tqdm(range(steps), desc=desc, disable=not accelerator.is_local_main_process, unit="batch")
+    for step in bar:
+        b = step * world + rank
+        idx = batches[b] if b < len(batches) else batches[0][:1]
+        batch = {k: v.to(accelerator.device) for k, v in collate(input_ids, target, idx, pad_id).items()}
+        with accelerator.autocast():
+            losses = model(**batch).float().cpu().numpy()
+        if b >= len(batches):
+            continue
+        counts = batch["mask"][:, 1:].sum(1).cpu().numpy()
+        for i, part in zip(idx, np.split(losses[:counts.sum()], np.cumsum(counts)[:-1])):
+            mine.append((int(i), part))
+    model.train(was_training)
+    gathered = _gather(accelerator, mine)
+    values = np.full(len(target.values), np.nan, dtype=np.float32)
+    for i, part in gathered:
+        pos = target.offsets[i] + np.flatnonzero(np.asarray(target[i], dtype=bool)[1:]) + 1
+        values[pos] = part
+    return target.like(values)
+
+
+def _gather(accelerator, items: list) -> list:
+    if accelerator.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+    return gather_object(items)

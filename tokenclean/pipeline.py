@@ -1,0 +1,396 @@
+"""The orchestrator: fixed-model and self-evolving Token Cleaning as a chain of resumable stages.
+
+One process per rank runs the whole chain (`tokenclean ...` on one device, `accelerate launch -m tokenclean ...`
+on many). Every training stage builds its model from an HF checkpoint on disk (the base, or the previous round's
+output), so an interrupted run that restarts from the manifest loads exactly what the uninterrupted run loaded and
+reaches the same masks and weights. Stages and their outputs, under the run directory:
+
+  fixed:          base_losses (losses/base) -> reference (reference/, losses/reference) -> select (keep)
+                  -> final (final/)
+  self_evolving:  chunks.json; round_0 trains the base on chunk 0 with every token (base losses of every other
+                  chunk are computed first, with the untouched base, once); round_t scores chunk t with
+                  l(base) - l(round_{t-1}), selects, continues training -> round_t/model. The last round's model
+                  is the output (final/ links to it).
+
+`manifest.json` lists completed stages (written by rank 0, atomically, after the stage's files). A stage listed
+there is never redone; a stage not listed is redone from its start, replacing any partial output.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenclean import selection
+from tokenclean.config import Config
+from tokenclean.ragged import Ragged, atomic_write_text, fingerprint
+
+log = logging.getLogger("tokenclean")
+
+CONFIG_KEYS_NOT_AFFECTING_RESULTS = ("resume", "tracking", "name")
+
+
+class Split:
+    """A tokenized set of examples: token ids and the response-token mask, as Ragged arrays."""
+
+    def __init__(self, input_ids: Ragged, target: Ragged):
+        self.input_ids, self.target = input_ids, target
+
+    def subset(self, idx) -> "Split":
+        return Split(self.input_ids.select(idx), self.target.select(idx))
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    @property
+    def n_targets(self) -> int:
+        return int(np.count_nonzero(self.target.values))
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.input_ids, self.target)
+
+
+class Manifest:
+    def __init__(self, run_dir: Path, accelerator):
+        self.path = run_dir / "manifest.json"
+        self.acc = accelerator
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
+
+    def done(self, stage: str) -> bool:
+        return stage in self.data["stages"]
+
+    def get(self, stage: str) -> dict:
+        return self.data["stages"][stage]
+
+    def complete(self, stage: str, **info) -> None:
+        self.data["stages"][stage] = info
+        self.save()
+
+    def save(self) -> None:
+        if self.acc.is_main_process:
+            atomic_write_text(self.path, json.dumps(self.data, indent=1))
+        self.acc.wait_for_everyone()
+
+
+def make_accelerator(cfg: Config):
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    mp = cfg.training.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if _bf16_supported() else "no"
+    # gloo when there is no GPU (DeepSpeed on CPU needs it spelled out); a bounded timeout, so a rank that dies
+    # takes the others down with an error instead of leaving them waiting forever
+    handler = InitProcessGroupKwargs(backend=None if torch.cuda.is_available() else "gloo",
+                                     timeout=timedelta(seconds=int(os.environ.get("TOKENCLEAN_TIMEOUT", 1800))))
+    return Accelerator(mixed_precision=mp, kwargs_handlers=[handler])
+
+
+def _bf16_supported() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        return False
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, run_dir: Path, config_dict: dict):
+        from tokenclean.assets import resolve_model
+        from tokenclean.data import read_records, tokenize
+
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        d = cfg.data
+        # 1. every record is read and validated before any model is loaded
+        train_records, skipped = read_records(d.train, d.format, d.on_error, d.limit)
+        warmup_records = eval_records = None
+        if d.warmup and cfg.pipeline.name == "fixed":
+            warmup_records, s = read_records(d.warmup, d.format, d.on_error)
+            skipped += s
+        if d.eval:
+            eval_records, s = read_records(d.eval, d.format, d.on_error)
+            skipped += s
+        self.n_skipped_records = skipped
+
+        self.acc = make_accelerator(cfg)
+        self.base_dir = resolve_model(cfg.model.name_or_path) if self.acc.is_local_main_process else None
+        self.acc.wait_for_everyone()  # rank 0 converts a built-in model once; the others then find it cached
+        self.base_dir = resolve_model(cfg.model.name_or_path)
+        from tokenclean.checkpoints import load_tokenizer
+        self.tokenizer = load_tokenizer(self.base_dir)
+
+        def tok(records):
+            t = tokenize(records, self.tokenizer, d.max_length, d.template)
+            self.truncation["examples"] += t.n_truncated
+            self.truncation["target_tokens"] += t.n_truncated_targets
+            self.truncation["dropped_examples"] += t.n_dropped
+            return Split(t.input_ids, t.target_mask)
+
+        self.truncation = {"examples": 0, "target_tokens": 0, "dropped_examples": 0}
+        pool = tok(train_records)
+        rng_seed = cfg.seed
+        from tokenclean.data import split_indices
+        if eval_records is not None:
+            self.eval = tok(eval_records)
+        elif d.eval_size > 0:
+            taken, rest = split_indices(len(pool), d.eval_size, rng_seed)
+            self.eval, pool = pool.subset(taken), pool.subset(rest)
+        else:
+            self.eval = None
+        self.warmup = None
+        if cfg.pipeline.name == "fixed":
+            if warmup_records is not None:
+                self.warmup = tok(warmup_records)
+            else:  # the reference learns from records the cleaned model is not trained on (disjoint sets)
+                taken, rest = split_indices(len(pool), d.warmup_fraction, rng_seed + 1)
+                self.warmup, pool = pool.subset(taken), pool.subset(rest)
+        self.train = pool
+        if len(self.train) == 0:
+            raise ValueError(f"data.train={d.train!r}: no training example left after the eval/warm-up splits")
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._check_or_reset(config_dict)
+        self.manifest = Manifest(self.run_dir, self.acc)
+        run_id = self.manifest.data["run_id"]
+        from tokenclean.tracking import Tracker
+        self.tracker = Tracker(self.run_dir, cfg, config_dict, run_id, enabled=self.acc.is_main_process)
+        self.global_step = self.manifest.data.get("global_step", 0)
+        if self.acc.is_main_process:
+            atomic_write_text(self.run_dir / "config.yaml", _yaml(config_dict))
+        self.pad_id = self.tokenizer.pad_token_id
+        self._log_data()
+
+    # ----------------------------------------------------------------- run directory
+    def _check_or_reset(self, config_dict: dict) -> None:
+        """A run directory belongs to one config and one dataset; resume only into the same ones."""
+        manifest = self.run_dir / "manifest.json"
+        config_fp = fingerprint(json.dumps({k: v for k, v in config_dict.items()
+                                            if k not in CONFIG_KEYS_NOT_AFFECTING_RESULTS}, sort_keys=True))
+        data_fp = fingerprint(self.train.fingerprint(), self.eval.fingerprint() if self.eval else "",
+                              self.warmup.fingerprint() if self.warmup else "")
+        if manifest.exists():
+            old = json.loads(manifest.read_text())
+            same = old.get("config_fingerprint") == config_fp and old.get("data_fingerprint") == data_fp
+            if self.cfg.resume and not same:
+                what = "config" if old.get("config_fingerprint") != config_fp else "data"
+                raise RuntimeError(
+                    f"{self.run_dir} holds a run made with a different {what}. Resume it with its own config "
+                    f"({self.run_dir / 'config.yaml'}), pick another directory (name=...), or start over there "
+                    "with resume=false.")
+            if not self.cfg.resume:
+                self.acc.wait_for_everyone()
+                if self.acc.is_main_process:
+                    log.warning("resume=false: clearing %s", self.run_dir)
+                    for p in self.run_dir.iterdir():
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+                self.acc.wait_for_everyone()
+            elif self.acc.is_main_process:
+                log.info("resuming %s: completed stages %s", self.run_dir, ", ".join(old["stages"]) or "none")
+        if not manifest.exists() or not self.cfg.resume:
+            if self.acc.is_main_process:
+                atomic_write_text(manifest, json.dumps({"config_fingerprint": config_fp, "data_fingerprint": data_fp,
+                                                        "run_id": _run_id(self.run_dir), "stages": {}}, indent=1))
+            self.acc.wait_for_everyone()
+
+    def _log_data(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        t = self.truncation
+        log.info("data: %d train examples (%d response tokens), %d warm-up, %d eval; %d malformed records skipped",
+                 len(self.train), self.train.n_targets, len(self.warmup) if self.warmup else 0,
+                 len(self.eval) if self.eval else 0, self.n_skipped_records)
+        if t["examples"]:
+            log.warning("truncation: %d examples longer than data.max_length=%d lost %d response tokens "
+                        "(%d examples dropped with none left)", t["examples"], self.cfg.data.max_length,
+                        t["target_tokens"], t["dropped_examples"])
+
+    # ----------------------------------------------------------------- building blocks
+    def _model(self, path: str, adapter: str | None = None):
+        from tokenclean.checkpoints import load_model
+        return load_model(path, self.cfg.model, self.cfg.seed, adapter=adapter)
+
+    def _losses(self, model, split: Split, name: str) -> Ragged:
+        from tokenclean.losses import token_losses
+        return token_losses(self.acc, model, split.input_ids, split.target, self.cfg.training.score_batch_size,
+                            self.pad_id, desc=name)
+
+    def _eval(self, model, stage: str, round: int | None = None) -> dict:
+        if self.eval is None:
+            return {}
+        losses = self._losses(model, self.eval, f"eval {stage}")
+        v = losses.values[~np.isnan(losses.values)]
+        out = {"eval_loss": float(v.mean()), "eval_ppl": float(math.exp(v.mean()))}
+        self.tracker.log({f"eval/{k[5:]}": x for k, x in out.items()}, stage=stage, round=round,
+                         **{"train/step": self.global_step})
+        return out
+
+    def _train(self, lm, split: Split, keep: Ragged, stage: str, round: int | None, before=None,
+               steps_before: int = 0, steps_total: int | None = None):
+        """Prepare `lm` for training, run `before(model)` (forward passes with the untouched weights), train.
+        Returns (prepared model, stats, before's result)."""
+        from tokenclean.train import train
+
+        def on_step(step, metrics):
+            self.global_step += 1
+            if step % self.cfg.training.log_every == 0 or step == stats_steps[0] - 1:
+                self.tracker.log(metrics, stage=stage, round=round, **{"train/step": self.global_step})
+
+        stats_steps = [0]
+        from tokenclean.train import plan_steps
+        stats_steps[0] = len(plan_steps(len(split), self.cfg.training, self.cfg.seed))
+        model, optimizer, stats, before_out = train(
+            self.acc, lm, split.input_ids, keep, self.cfg.training, seed=_stage_seed(self.cfg.seed, stage),
+            pad_id=self.pad_id, on_step=on_step, desc=stage, before=before,
+            steps_before=steps_before, steps_total=steps_total)
+        self.manifest.data["global_step"] = self.global_step
+        return model, optimizer, stats, before_out
+
+    def _free(self, *objects) -> None:
+        self.acc.free_memory(*objects)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _select(self, scores: Ragged | None, target: Ragged, seed: int) -> Ragged:
+        s = self.cfg.selection
+        return selection.keep_mask(scores, target, s.method, s.keep_ratio, s.threshold, seed)
+
+    def _save(self, model, out: Path, start_dir: str) -> None:
+        from tokenclean.checkpoints import save_checkpoint
+        save_checkpoint(self.acc, model, self.tokenizer, out, start_dir, self.cfg.model,
+                        keep_adapter=self.cfg.model.lora.enabled)
+
+    def _save_ragged(self, r: Ragged, rel: str, **meta) -> None:
+        if self.acc.is_main_process:
+            r.save(self.run_dir / rel, {"data_fingerprint": self.manifest.data["data_fingerprint"], **meta})
+        self.acc.wait_for_everyone()
+
+    def _load_ragged(self, rel: str) -> Ragged:
+        return Ragged.load(self.run_dir / rel, {"data_fingerprint": self.manifest.data["data_fingerprint"]},
+                           mmap=False)
+
+    def _round_metrics(self, round: int, scores: Ragged | None, keep: Ragged, target: Ragged, **extra) -> dict:
+        m = selection.summary(keep, target)
+        if scores is not None:
+            v = scores.values[np.asarray(target.values, dtype=bool)]
+            m.update(score_mean=float(np.mean(v)), score_std=float(np.std(v)),
+                     score_q10=float(np.quantile(v, 0.1)), score_q90=float(np.quantile(v, 0.9)))
+            self.tracker.histogram("round/score_histogram", v, round)
+        m.update(extra)
+        self.tracker.log({f"round/{k}": v for k, v in m.items() if isinstance(v, (int, float))}, round=round)
+        return m
+
+    # ----------------------------------------------------------------- pipelines
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        summary = self.run_fixed() if self.cfg.pipeline.name == "fixed" else self.run_self_evolving()
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        summary["run_dir"] = str(self.run_dir)
+        summary["truncation"] = self.truncation
+        summary["malformed_records_skipped"] = self.n_skipped_records
+        if self.acc.is_main_process:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        self.tracker.finish(_flat(summary))
+        return summary
+
+    def _needs_scores(self) -> bool:
+        return self.cfg.selection.method not in ("all", "random")
+
+    def run_fixed(self) -> dict:
+        cfg, m = self.cfg, self.manifest
+        out = {"pipeline": "fixed"}
+        scored = self._needs_scores()
+        # Stage 1 (scoring only): base losses with the untouched base, then the warm-up reference and its losses.
+        if scored and not m.done("reference"):
+            lm = self._model(self.base_dir)
+
+            def before(model):
+                res = {"eval_base": self._eval(model, "base")}
+                if not m.done("base_losses"):
+                    t = time.perf_counter()
+                    self._save_ragged(self._losses(model, self.train, "base losses"), "losses/base")
+                    m.complete("base_losses", seconds=round(time.perf_counter() - t, 2))
+                return res
+
+            model, opt, stats, res = self._train(lm, self.warmup, self.warmup.target, "reference", None, before=before)
+            t = time.perf_counter()
+            ref = self._losses(model, self.train, "reference losses")
+            self._save_ragged(ref, "losses/reference")
+            ev = self._eval(model, "reference")
+            self._save(model, self.run_dir / "reference", self.base_dir)
+            self._free(model, opt)
+            m.complete("reference", train_seconds=round(stats["seconds"], 2), steps=stats["steps"],
+                       score_seconds=round(time.perf_counter() - t, 2), final_train_loss=_last(stats),
+                       eval_base=res["eval_base"], eval_reference=ev)
+        if not m.done("select"):
+            scores = None
+            if scored:
+                base, ref = self._load_ragged("losses/base"), self._load_ragged("losses/reference")
+                scores = base.like(base.values - ref.values)   # influence: l_base - l_ref
+                self._save_ragged(scores, "scores")
+            keep = self._select(scores, self.train.target, cfg.seed)
+            self._save_ragged(keep, "keep")
+            metrics = self._round_metrics(0, scores, keep, self.train.target)
+            m.complete("select", **metrics)
+        keep = self._load_ragged("keep")
+        if not m.done("final"):
+            lm = self._model(self.base_dir)
+            eval_base = m.get("reference")["eval_base"] if scored else None
+            before = None if eval_base is not None else (lambda model: {"eval_base": self._eval(model, "base")})
+            model, opt, stats, res = self._train(lm, self.train, keep, "final", None, before=before)
+            ev = self._eval(model, "final")
+            self._save(model, self.run_dir / "final", self.base_dir)
+            self._free(model, opt)
+            m.complete("final", train_seconds=round(stats["seconds"], 2), steps=stats["steps"],
+                       final_train_loss=_last(stats), tokens_per_second=round(stats["tokens_per_second"], 1),
+                       eval_base=eval_base if eval_base is not None else res["eval_base"], eval_final=ev)
+        fin, sel = m.get("final"), m.get("select")
+        out.update(tokens_scored=self.train.n_targets if scored else 0, tokens_target=sel["tokens_target"],
+                   tokens_kept=sel["tokens_kept"], kept_ratio=sel["kept_ratio"],
+                   eval_loss_before=fin["eval_base"].get("eval_loss"), eval_loss_after=fin["eval_final"].get("eval_loss"),
+                   checkpoint=str(self.run_dir / "final"))
+        if scored:
+            out["eval_loss_reference"] = m.get("reference")["eval_reference"].get("eval_loss")
+        return out
+
+    def run_self_evolving(self) -> dict:
+        raise NotImplementedError
+
+
+def _stage_seed(seed: int, stage: str) -> int:
+    return int(fingerprint(seed, stage)[:8], 16)
+
+
+def _last(stats) -> float | None:
+    return round(stats["train_loss"][-1], 5) if stats["train_loss"] else None
+
+
+def _run_id(run_dir: Path) -> str:
+    return fingerprint(str(run_dir.resolve()), time.time())[:12]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _yaml(d: dict) -> str:
+    import yaml
+    return yaml.safe_dump(d, sort_keys=False)

@@ -1,0 +1,138 @@
+"""Masked SFT on accelerate (single device, DDP, DeepSpeed ZeRO-2/3): only kept response tokens carry loss.
+
+The batching is ours, not a DataLoader's, so that the update does not depend on how it is split:
+an optimiser step takes `batch_size` examples (a seeded shuffle per epoch); rank r takes every world-th of them and
+cuts its share into micro-batches; every rank runs the same number of micro-batches (a rank short of examples runs
+an empty one, whose loss is a connected zero). Each micro-batch's loss is its summed token losses divided by the
+number of kept tokens in the WHOLE step (all micro-batches, all ranks), then scaled back for the averaging that
+DDP/DeepSpeed and accumulation do. So micro 8 x accumulation 1 on one process, 2 x 4, or 2 ranks x 4 all give the
+same gradient: the mean over the step's kept tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+from accelerate.utils import DistributedType
+from transformers import get_scheduler
+from tqdm.auto import tqdm
+
+from tokenclean.config import TrainingConfig
+from tokenclean.losses import TokenLoss, collate
+from tokenclean.ragged import Ragged
+
+log = logging.getLogger(__name__)
+
+
+def plan_steps(n_examples: int, cfg: TrainingConfig, seed: int) -> list[np.ndarray]:
+    """The examples of every optimiser step, in order: a seeded permutation per epoch, cut into batch_size pieces."""
+    steps = []
+    for epoch in range(cfg.epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+        steps += [order[i:i + cfg.batch_size] for i in range(0, n_examples, cfg.batch_size)]
+    return steps[: cfg.max_steps] if cfg.max_steps else steps
+
+
+def micro_batches(step: np.ndarray, rank: int, world: int, micro: int, n_micro: int) -> list[np.ndarray]:
+    """This rank's share of a step, as exactly n_micro micro-batches (trailing ones may be empty)."""
+    share = step[rank::world]
+    parts = [share[i:i + micro] for i in range(0, len(share), micro)]
+    return parts + [share[:0]] * (n_micro - len(parts))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    # torch's AdamW, not DeepSpeed's: those JIT-compile for a minute on a new machine and gain nothing here
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def train(accelerator, lm: torch.nn.Module, input_ids: Ragged, keep: Ragged, cfg: TrainingConfig, seed: int,
+          pad_id: int, on_step=None, desc: str = "train", before=None, steps_before: int = 0,
+          steps_total: int | None = None):
+    """Train `lm` in place on the kept tokens. Returns (prepared TokenLoss model, optimizer, stats, before's result).
+
+    before(model), if given, runs on the prepared model before the first update (e.g. the base model's losses).
+    on_step(step, metrics) is called on every rank after each optimiser step. steps_before/steps_total place this
+    stage inside a longer learning-rate schedule (self-evolving rounds with one schedule across rounds)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_micro = math.ceil(math.ceil(cfg.batch_size / world) / cfg.micro_batch_size)
+    steps = plan_steps(len(input_ids), cfg, seed)
+    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if is_deepspeed:
+        # accelerate fills these from a DataLoader, and we have none; clipping is DeepSpeed's job under DeepSpeed
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+        ds["gradient_accumulation_steps"] = n_micro
+        ds["train_batch_size"] = cfg.micro_batch_size * n_micro * world
+        ds["gradient_clipping"] = cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0
+        if ds.get("zero_optimization", {}).get("stage") == 3:  # else ZeRO-3 saves empty weight files
+            ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        accelerator.state.deepspeed_plugin.gradient_accumulation_steps = n_micro
+
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(lm, "enable_input_require_grads"):
+            lm.enable_input_require_grads()
+    model = TokenLoss(lm, cfg.loss_chunk_size)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = get_scheduler("constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule, optimizer,
+                              num_warmup_steps=math.ceil(cfg.warmup_ratio * (steps_total or len(steps))),
+                              num_training_steps=steps_total or len(steps))
+    for _ in range(steps_before):
+        scheduler.step()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    before_out = before(model) if before is not None else None
+    model.train()
+    # the averaging over ranks (DDP, DeepSpeed) and DeepSpeed's 1/accumulation are undone here
+    scale = world * (n_micro if is_deepspeed else 1)
+    kept = np.asarray(keep.values, dtype=bool)
+    kept_per_example = np.add.reduceat(kept.astype(np.int64), keep.offsets[:-1]) if len(keep) else np.zeros(0)
+
+    stats = {"steps": len(steps), "train_loss": [], "tokens": 0, "seconds": 0.0}
+    t0 = time.perf_counter()
+    bar = tqdm(steps, desc=desc, disable=not accelerator.is_local_main_process, unit="step")
+    for step_i, step in enumerate(bar):
+        n_kept = int(kept_per_example[step].sum())
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for m_i, idx in enumerate(micro_batches(step, rank, world, cfg.micro_batch_size, n_micro)):
+            empty = len(idx) == 0
+            batch = collate(input_ids, keep, idx if not empty else step[:1], pad_id)
+            if empty:
+                batch["mask"][:] = False
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            sync = m_i == n_micro - 1
+            ctx = accelerator.no_sync(model) if not sync and not is_deepspeed else contextlib.nullcontext()
+            with ctx:
+                with accelerator.autocast():
+                    losses = model(**batch)
+                loss = losses.sum() * (scale / max(n_kept, 1))
+                accelerator.backward(loss)
+            loss_sum += losses.detach().sum()
+        grad_norm = None
+        if cfg.max_grad_norm > 0 and not is_deepspeed:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = accelerator.reduce(loss_sum, "sum").item() / max(n_kept, 1)
+        stats["train_loss"].append(step_loss)
+        stats["tokens"] += n_kept
+        if accelerator.is_local_main_process:
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if on_step is not None:
+            metrics = {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0], "train/kept_tokens": n_kept}
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            on_step(step_i, metrics)
+    stats["seconds"] = time.perf_counter() - t0
+    stats["tokens_per_second"] = stats["tokens"] / max(stats["seconds"], 1e-9)
+    return model, optimizer, stats, before_out
+
