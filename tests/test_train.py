@@ -52,7 +52,7 @@ def test_step_with_no_kept_token_trains_nothing_and_does_not_fail(tiny_lm, accel
     lm = tiny_lm(seed=0)
     before = [p.detach().clone() for p in lm.parameters()]
     cfg = TrainingConfig(lr=1e-2, batch_size=4, micro_batch_size=2, warmup_ratio=0.0, mixed_precision="no")
-    _, _, stats, _ = train(accelerator, lm, ids, tgt.like(np.zeros(len(tgt.values), bool)), cfg, seed=0, pad_id=0)
+    _, stats = train(accelerator, lm, ids, tgt.like(np.zeros(len(tgt.values), bool)), cfg, seed=0, pad_id=0)
     assert stats["steps"] == 1 and stats["train_loss"] == [0.0]
     # AdamW with weight decay 0 and a zero gradient leaves the weights where they were
     for a, b in zip(before, lm.parameters()):

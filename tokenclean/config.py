@@ -94,6 +94,10 @@ class PipelineConfig:
     chunks: int = 5                  # self_evolving: T+1 chunks (the paper: 5 equal chunks)
     chunk_sizes: Optional[List[float]] = None  # self_evolving: explicit fractions (or counts) per chunk instead
     shuffle: bool = True             # self_evolving: seeded shuffle before chunking; false = contiguous (reference code)
+    schedule: str = "restart"        # self_evolving: restart the LR schedule (warm-up, decay) every round, as the
+                                     #   reference code does | continuous: one schedule across all rounds
+    lora: str = "merge"              # self_evolving + LoRA: merge each round's adapter and start a fresh one (the
+                                     #   reference code) | continue: keep training one adapter on the base
 
 
 @dataclass
@@ -163,6 +167,8 @@ def validate(cfg: Config) -> None:
     _check(t.loss_chunk_size >= 1, "training.loss_chunk_size", t.loss_chunk_size, "must be at least 1")
 
     _one_of("pipeline.name", p.name, ["fixed", "self_evolving"])
+    _one_of("pipeline.schedule", p.schedule, ["restart", "continuous"])
+    _one_of("pipeline.lora", p.lora, ["merge", "continue"])
     if p.name == "self_evolving":
         if p.chunk_sizes is None:
             _check(p.chunks >= 2, "pipeline.chunks", p.chunks, "self-evolving cleaning needs at least 2 chunks")

@@ -236,26 +236,23 @@ class Pipeline:
                          **{"train/step": self.global_step})
         return out
 
-    def _train(self, lm, split: Split, keep: Ragged, stage: str, round: int | None, before=None,
-               steps_before: int = 0, steps_total: int | None = None):
-        """Prepare `lm` for training, run `before(model)` (forward passes with the untouched weights), train.
-        Returns (prepared model, stats, before's result)."""
-        from tokenclean.train import train
+    def _prepare(self, lm, n_examples: int, stage: str, steps_before: int = 0, steps_total: int | None = None):
+        from tokenclean.train import prepare
+        return prepare(self.acc, lm, n_examples, self.cfg.training, _stage_seed(self.cfg.seed, stage),
+                       steps_before, steps_total)
+
+    def _fit(self, prepared, split: Split, keep: Ragged, stage: str, round: int | None) -> dict:
+        from tokenclean.train import fit
+        n_steps = len(prepared.steps)
 
         def on_step(step, metrics):
             self.global_step += 1
-            if step % self.cfg.training.log_every == 0 or step == stats_steps[0] - 1:
+            if step % self.cfg.training.log_every == 0 or step == n_steps - 1:
                 self.tracker.log(metrics, stage=stage, round=round, **{"train/step": self.global_step})
 
-        stats_steps = [0]
-        from tokenclean.train import plan_steps
-        stats_steps[0] = len(plan_steps(len(split), self.cfg.training, self.cfg.seed))
-        model, optimizer, stats, before_out = train(
-            self.acc, lm, split.input_ids, keep, self.cfg.training, seed=_stage_seed(self.cfg.seed, stage),
-            pad_id=self.pad_id, on_step=on_step, desc=stage, before=before,
-            steps_before=steps_before, steps_total=steps_total)
+        stats = fit(self.acc, prepared, split.input_ids, keep, self.cfg.training, self.pad_id, on_step, desc=stage)
         self.manifest.data["global_step"] = self.global_step
-        return model, optimizer, stats, before_out
+        return stats
 
     def _free(self, *objects) -> None:
         self.acc.free_memory(*objects)
@@ -310,30 +307,26 @@ class Pipeline:
 
     def run_fixed(self) -> dict:
         cfg, m = self.cfg, self.manifest
-        out = {"pipeline": "fixed"}
         scored = self._needs_scores()
-        # Stage 1 (scoring only): base losses with the untouched base, then the warm-up reference and its losses.
+        # 1. (scoring only) base losses with the untouched base, then the warm-up reference and its losses
         if scored and not m.done("reference"):
-            lm = self._model(self.base_dir)
-
-            def before(model):
-                res = {"eval_base": self._eval(model, "base")}
-                if not m.done("base_losses"):
-                    t = time.perf_counter()
-                    self._save_ragged(self._losses(model, self.train, "base losses"), "losses/base")
-                    m.complete("base_losses", seconds=round(time.perf_counter() - t, 2))
-                return res
-
-            model, opt, stats, res = self._train(lm, self.warmup, self.warmup.target, "reference", None, before=before)
+            prepared = self._prepare(self._model(self.base_dir), len(self.warmup), "reference")
+            eval_base = self._eval(prepared.model, "base")
+            if not m.done("base_losses"):
+                t = time.perf_counter()
+                self._save_ragged(self._losses(prepared.model, self.train, "base losses"), "losses/base")
+                m.complete("base_losses", seconds=round(time.perf_counter() - t, 2))
+            stats = self._fit(prepared, self.warmup, self.warmup.target, "reference", None)
             t = time.perf_counter()
-            ref = self._losses(model, self.train, "reference losses")
-            self._save_ragged(ref, "losses/reference")
-            ev = self._eval(model, "reference")
-            self._save(model, self.run_dir / "reference", self.base_dir)
-            self._free(model, opt)
+            self._save_ragged(self._losses(prepared.model, self.train, "reference losses"), "losses/reference")
+            score_seconds = time.perf_counter() - t
+            ev = self._eval(prepared.model, "reference")
+            self._save(prepared.model, self.run_dir / "reference", self.base_dir)
+            self._free(prepared.model, prepared.optimizer)
             m.complete("reference", train_seconds=round(stats["seconds"], 2), steps=stats["steps"],
-                       score_seconds=round(time.perf_counter() - t, 2), final_train_loss=_last(stats),
-                       eval_base=res["eval_base"], eval_reference=ev)
+                       score_seconds=round(score_seconds, 2), final_train_loss=_last(stats),
+                       eval_base=eval_base, eval_reference=ev)
+        # 2. scores and the keep mask
         if not m.done("select"):
             scores = None
             if scored:
@@ -342,31 +335,119 @@ class Pipeline:
                 self._save_ragged(scores, "scores")
             keep = self._select(scores, self.train.target, cfg.seed)
             self._save_ragged(keep, "keep")
-            metrics = self._round_metrics(0, scores, keep, self.train.target)
-            m.complete("select", **metrics)
-        keep = self._load_ragged("keep")
+            m.complete("select", **self._round_metrics(0, scores, keep, self.train.target))
+        # 3. fine-tune the base on the cleaned labels
         if not m.done("final"):
-            lm = self._model(self.base_dir)
-            eval_base = m.get("reference")["eval_base"] if scored else None
-            before = None if eval_base is not None else (lambda model: {"eval_base": self._eval(model, "base")})
-            model, opt, stats, res = self._train(lm, self.train, keep, "final", None, before=before)
-            ev = self._eval(model, "final")
-            self._save(model, self.run_dir / "final", self.base_dir)
-            self._free(model, opt)
+            keep = self._load_ragged("keep")
+            prepared = self._prepare(self._model(self.base_dir), len(self.train), "final")
+            eval_base = m.get("reference")["eval_base"] if scored else self._eval(prepared.model, "base")
+            stats = self._fit(prepared, self.train, keep, "final", None)
+            ev = self._eval(prepared.model, "final")
+            self._save(prepared.model, self.run_dir / "final", self.base_dir)
+            self._free(prepared.model, prepared.optimizer)
             m.complete("final", train_seconds=round(stats["seconds"], 2), steps=stats["steps"],
                        final_train_loss=_last(stats), tokens_per_second=round(stats["tokens_per_second"], 1),
-                       eval_base=eval_base if eval_base is not None else res["eval_base"], eval_final=ev)
+                       eval_base=eval_base, eval_final=ev)
         fin, sel = m.get("final"), m.get("select")
-        out.update(tokens_scored=self.train.n_targets if scored else 0, tokens_target=sel["tokens_target"],
-                   tokens_kept=sel["tokens_kept"], kept_ratio=sel["kept_ratio"],
-                   eval_loss_before=fin["eval_base"].get("eval_loss"), eval_loss_after=fin["eval_final"].get("eval_loss"),
-                   checkpoint=str(self.run_dir / "final"))
+        out = {"pipeline": "fixed", "tokens_scored": self.train.n_targets if scored else 0,
+               "tokens_target": sel["tokens_target"], "tokens_kept": sel["tokens_kept"],
+               "kept_ratio": sel["kept_ratio"], "eval_loss_before": fin["eval_base"].get("eval_loss"),
+               "eval_loss_after": fin["eval_final"].get("eval_loss"), "checkpoint": str(self.run_dir / "final")}
         if scored:
             out["eval_loss_reference"] = m.get("reference")["eval_reference"].get("eval_loss")
         return out
 
+    # ------------------------------------------------------------------ self-evolving
+    def _chunks(self) -> list[np.ndarray]:
+        """Indices into the training pool of chunks D_0..D_T (seeded shuffle, or contiguous)."""
+        p, n = self.cfg.pipeline, len(self.train)
+        order = np.random.default_rng(self.cfg.seed).permutation(n) if p.shuffle else np.arange(n)
+        if p.chunk_sizes is None:
+            sizes = [len(c) for c in np.array_split(np.arange(n), p.chunks)]   # the remainder is spread, not dropped
+        else:
+            sizes = [int(x * n) if x < 1 else int(x) for x in p.chunk_sizes]
+            if sum(sizes) > n:
+                raise ValueError(f"pipeline.chunk_sizes={list(p.chunk_sizes)} asks for {sum(sizes)} examples; "
+                                 f"the training pool has {n}")
+        if min(sizes) < 1:
+            raise ValueError(f"pipeline.chunks={p.chunks}: the training pool has only {n} examples")
+        bounds = np.cumsum([0] + sizes)
+        return [np.sort(order[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
+
     def run_self_evolving(self) -> dict:
-        raise NotImplementedError
+        cfg, m, pc = self.cfg, self.manifest, self.cfg.pipeline
+        chunk_idx = self._chunks()
+        chunks = [self.train.subset(c) for c in chunk_idx]
+        T = len(chunks) - 1
+        if self.acc.is_main_process:
+            atomic_write_text(self.run_dir / "chunks.json", json.dumps([c.tolist() for c in chunk_idx]))
+        from tokenclean.train import plan_steps
+        round_steps = [len(plan_steps(len(c), cfg.training, 0)) for c in chunks]
+        continuous = pc.schedule == "continuous"
+        continue_adapter = cfg.model.lora.enabled and pc.lora == "continue"
+
+        for t in range(T + 1):
+            stage, rdir = f"round_{t}", self.run_dir / f"round_{t}"
+            if m.done(stage):
+                continue
+            prev = self.run_dir / f"round_{t - 1}" / "model"
+            if t == 0:
+                lm, start = self._model(self.base_dir), self.base_dir
+            elif continue_adapter:
+                lm, start = self._model(self.base_dir, adapter=str(prev / "adapter")), self.base_dir
+            else:
+                lm, start = self._model(str(prev)), str(prev)
+            prepared = self._prepare(lm, len(chunks[t]), stage, steps_before=sum(round_steps[:t]) if continuous else 0,
+                                     steps_total=sum(round_steps) if continuous else None)
+            info = {}
+            if t == 0:
+                # base losses of every later chunk, once, with the untouched base; round 0 keeps every token
+                info["eval_base"] = self._eval(prepared.model, "base", round=0)
+                if not m.done("base_losses"):
+                    tt = time.perf_counter()
+                    rest = np.concatenate(chunk_idx[1:])
+                    base = self._losses(prepared.model, self.train.subset(rest), "base losses")
+                    for k in range(1, T + 1):
+                        lo = sum(len(chunks[j]) for j in range(1, k))
+                        part = Ragged.from_list([base[i] for i in range(lo, lo + len(chunks[k]))], np.float32)
+                        self._save_ragged(part, f"round_{k}/base_losses")
+                    m.complete("base_losses", seconds=round(time.perf_counter() - tt, 2))
+                keep, scores = chunks[0].target, None
+            else:
+                if not m.done(f"{stage}.select"):
+                    tt = time.perf_counter()
+                    ref = self._losses(prepared.model, chunks[t], f"round {t} reference losses")
+                    base = self._load_ragged(f"{stage}/base_losses")
+                    scores = base.like(base.values - ref.values)       # l(theta_0) - l(theta_t)
+                    keep = self._select(scores, chunks[t].target, _stage_seed(cfg.seed, stage))
+                    self._save_ragged(ref, f"{stage}/reference_losses")
+                    self._save_ragged(scores, f"{stage}/scores")
+                    self._save_ragged(keep, f"{stage}/keep")
+                    m.complete(f"{stage}.select", score_seconds=round(time.perf_counter() - tt, 2))
+                scores, keep = self._load_ragged(f"{stage}/scores"), self._load_ragged(f"{stage}/keep")
+            stats = self._fit(prepared, chunks[t], keep, stage, t)
+            ev = self._eval(prepared.model, stage, round=t)
+            self._save(prepared.model, rdir / "model", start)
+            self._free(prepared.model, prepared.optimizer)
+            metrics = self._round_metrics(t, scores, keep, chunks[t].target, eval_loss=ev.get("eval_loss"),
+                                          eval_ppl=ev.get("eval_ppl"), train_seconds=round(stats["seconds"], 2),
+                                          final_train_loss=_last(stats), steps=stats["steps"])
+            m.complete(stage, **metrics, **info)
+
+        rounds = [{"round": t, **m.get(f"round_{t}")} for t in range(T + 1)]
+        final = self.run_dir / f"round_{T}" / "model"
+        if self.acc.is_main_process and not (self.run_dir / "final").exists():
+            os.symlink(f"round_{T}/model", self.run_dir / "final")
+        self.acc.wait_for_everyone()
+        return {"pipeline": "self_evolving", "rounds": [{k: r.get(k) for k in ("round", "tokens_target", "tokens_kept",
+                                                                                 "kept_ratio", "eval_loss")}
+                                                         for r in rounds],
+                "tokens_scored": sum(r["tokens_target"] for r in rounds[1:]),
+                "tokens_target": sum(r["tokens_target"] for r in rounds),
+                "tokens_kept": sum(r["tokens_kept"] for r in rounds),
+                "kept_ratio": sum(r["tokens_kept"] for r in rounds) / max(sum(r["tokens_target"] for r in rounds), 1),
+                "eval_loss_before": rounds[0].get("eval_base", {}).get("eval_loss"),
+                "eval_loss_after": rounds[-1].get("eval_loss"), "checkpoint": str(final)}
 
 
 def _stage_seed(seed: int, stage: str) -> int:

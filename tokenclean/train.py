@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -54,17 +55,24 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.O
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def train(accelerator, lm: torch.nn.Module, input_ids: Ragged, keep: Ragged, cfg: TrainingConfig, seed: int,
-          pad_id: int, on_step=None, desc: str = "train", before=None, steps_before: int = 0,
-          steps_total: int | None = None):
-    """Train `lm` in place on the kept tokens. Returns (prepared TokenLoss model, optimizer, stats, before's result).
+@dataclass
+class Prepared:
+    """A model and optimiser prepared by accelerate for one training stage, with the plan of its steps."""
+    model: torch.nn.Module          # the TokenLoss wrapper, as DDP / DeepSpeed engine / plain module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    steps: list
+    n_micro: int
+    is_deepspeed: bool
 
-    before(model), if given, runs on the prepared model before the first update (e.g. the base model's losses).
-    on_step(step, metrics) is called on every rank after each optimiser step. steps_before/steps_total place this
-    stage inside a longer learning-rate schedule (self-evolving rounds with one schedule across rounds)."""
-    world, rank = accelerator.num_processes, accelerator.process_index
+
+def prepare(accelerator, lm: torch.nn.Module, n_examples: int, cfg: TrainingConfig, seed: int,
+            steps_before: int = 0, steps_total: int | None = None) -> Prepared:
+    """Wrap `lm` for training. steps_before/steps_total place this stage inside a longer learning-rate schedule
+    (self-evolving rounds sharing one schedule); by default the schedule spans this stage alone."""
+    world = accelerator.num_processes
     n_micro = math.ceil(math.ceil(cfg.batch_size / world) / cfg.micro_batch_size)
-    steps = plan_steps(len(input_ids), cfg, seed)
+    steps = plan_steps(n_examples, cfg, seed)
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if is_deepspeed:
         # accelerate fills these from a DataLoader, and we have none; clipping is DeepSpeed's job under DeepSpeed
@@ -83,33 +91,40 @@ def train(accelerator, lm: torch.nn.Module, input_ids: Ragged, keep: Ragged, cfg
             lm.enable_input_require_grads()
     model = TokenLoss(lm, cfg.loss_chunk_size)
     optimizer = make_optimizer(model, cfg)
+    total = steps_total or len(steps)
     scheduler = get_scheduler("constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule, optimizer,
-                              num_warmup_steps=math.ceil(cfg.warmup_ratio * (steps_total or len(steps))),
-                              num_training_steps=steps_total or len(steps))
+                              num_warmup_steps=math.ceil(cfg.warmup_ratio * total), num_training_steps=total)
     for _ in range(steps_before):
         scheduler.step()
     model, optimizer = accelerator.prepare(model, optimizer)
-    before_out = before(model) if before is not None else None
+    return Prepared(model, optimizer, scheduler, steps, n_micro, is_deepspeed)
+
+
+def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: TrainingConfig, pad_id: int,
+        on_step=None, desc: str = "train") -> dict:
+    """Run every planned step on the kept tokens. on_step(step, metrics) is called on every rank after each step."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    model, optimizer, scheduler = p.model, p.optimizer, p.scheduler
     model.train()
     # the averaging over ranks (DDP, DeepSpeed) and DeepSpeed's 1/accumulation are undone here
-    scale = world * (n_micro if is_deepspeed else 1)
+    scale = world * (p.n_micro if p.is_deepspeed else 1)
     kept = np.asarray(keep.values, dtype=bool)
     kept_per_example = np.add.reduceat(kept.astype(np.int64), keep.offsets[:-1]) if len(keep) else np.zeros(0)
 
-    stats = {"steps": len(steps), "train_loss": [], "tokens": 0, "seconds": 0.0}
+    stats = {"steps": len(p.steps), "train_loss": [], "tokens": 0, "seconds": 0.0}
     t0 = time.perf_counter()
-    bar = tqdm(steps, desc=desc, disable=not accelerator.is_local_main_process, unit="step")
+    bar = tqdm(p.steps, desc=desc, disable=not accelerator.is_local_main_process, unit="step")
     for step_i, step in enumerate(bar):
         n_kept = int(kept_per_example[step].sum())
         loss_sum = torch.zeros((), device=accelerator.device)
-        for m_i, idx in enumerate(micro_batches(step, rank, world, cfg.micro_batch_size, n_micro)):
+        for m_i, idx in enumerate(micro_batches(step, rank, world, cfg.micro_batch_size, p.n_micro)):
             empty = len(idx) == 0
             batch = collate(input_ids, keep, idx if not empty else step[:1], pad_id)
             if empty:
                 batch["mask"][:] = False
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            sync = m_i == n_micro - 1
-            ctx = accelerator.no_sync(model) if not sync and not is_deepspeed else contextlib.nullcontext()
+            sync = m_i == p.n_micro - 1
+            ctx = accelerator.no_sync(model) if not sync and not p.is_deepspeed else contextlib.nullcontext()
             with ctx:
                 with accelerator.autocast():
                     losses = model(**batch)
@@ -117,7 +132,7 @@ def train(accelerator, lm: torch.nn.Module, input_ids: Ragged, keep: Ragged, cfg
                 accelerator.backward(loss)
             loss_sum += losses.detach().sum()
         grad_norm = None
-        if cfg.max_grad_norm > 0 and not is_deepspeed:
+        if cfg.max_grad_norm > 0 and not p.is_deepspeed:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -134,5 +149,11 @@ def train(accelerator, lm: torch.nn.Module, input_ids: Ragged, keep: Ragged, cfg
             on_step(step_i, metrics)
     stats["seconds"] = time.perf_counter() - t0
     stats["tokens_per_second"] = stats["tokens"] / max(stats["seconds"], 1e-9)
-    return model, optimizer, stats, before_out
+    return stats
 
+
+def train(accelerator, lm, input_ids: Ragged, keep: Ragged, cfg: TrainingConfig, seed: int, pad_id: int,
+          on_step=None, desc: str = "train"):
+    """prepare + fit in one call. Returns (Prepared, stats)."""
+    p = prepare(accelerator, lm, len(input_ids), cfg, seed)
+    return p, fit(accelerator, p, input_ids, keep, cfg, pad_id, on_step, desc)
