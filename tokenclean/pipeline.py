@@ -92,6 +92,8 @@ def make_accelerator(cfg: Config):
         mp = "bf16" if _bf16_supported() else "no"
     # gloo when there is no GPU (DeepSpeed on CPU needs it spelled out); a bounded timeout, so a rank that dies
     # takes the others down with an error instead of leaving them waiting forever
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return Accelerator(mixed_precision=mp)
     handler = InitProcessGroupKwargs(backend=None if torch.cuda.is_available() else "gloo",
                                      timeout=timedelta(seconds=int(os.environ.get("TOKENCLEAN_TIMEOUT", 1800))))
     return Accelerator(mixed_precision=mp, kwargs_handlers=[handler])
