@@ -59,8 +59,33 @@ class DataConfig:
 
 
 @dataclass
+class XTFConfig:
+    """XTF (Yang et al. 2026): three attributes from the base model; a token is noise if any rule in `rules` marks it.
+    Choices the paper leaves open are options here; the defaults are documented in tokenclean/scorers.py."""
+    rules: List[str] = field(default_factory=lambda: ["kn", "ri", "tr"])  # attributes united (drop if any marks)
+    kn_threshold: float = 0.05       # knowledge novelty KN = 1 - p_base(x_j); noise if KN < kn_threshold
+    ri_layers: Optional[List[int]] = None  # attention layers averaged for RI (None = all; negative = from the end)
+    ri_heads: Optional[List[int]] = None   # heads averaged (None = all)
+    ri_reduce: str = "mean"          # attention received by position j: mean | sum over the queries q >= j
+    ri_iqr_k: float = 1.0            # RI noise if below Q1 - ri_iqr_k * (Q3 - Q1), quartiles within the sample
+    tr_center: str = "data"          # domain centre: data (mean input embedding of the scored response tokens) | words
+    tr_words: Optional[List[str]] = None   # tr_center=words: the domain's expert words
+    tr_distance: str = "cosine"      # cosine | l2
+    tr_scope: str = "global"         # min-max normalisation and Multi-Otsu over all scored tokens | per sample
+    tr_classes: int = 3              # Multi-Otsu classes
+    tr_noise_classes: List[int] = field(default_factory=lambda: [1])  # noisy Otsu classes (0 = lowest TR)
+
+
+@dataclass
 class ScorerConfig:
-    name: str = "influence"          # influence: l_base - l_ref (Token Cleaning)
+    # influence: l_base - l_ref (Token Cleaning; with selection=sample it is the reference code's offline "rho")
+    # rho: Rho-1 excess loss l_current - l_ref, ranked online per batch during training (fixed reference)
+    # self_online: l_base - l_current, ranked online per batch (ours: no reference pass at all)
+    # xtf: XTF's three base-model attributes, union rule (its own keep ratio)
+    name: str = "influence"
+    online_scope: str = "step"       # rho/self_online: rank over the whole optimiser step (all micro-batches and
+                                     #   ranks; a no-grad pre-pass when the step spans several forwards) | micro
+    xtf: XTFConfig = field(default_factory=XTFConfig)
 
 
 @dataclass
@@ -147,7 +172,8 @@ def validate(cfg: Config) -> None:
     _check(d.warmup_fraction > 0, "data.warmup_fraction", d.warmup_fraction, "must be a fraction in (0, 1) or a count")
     _check(d.eval_size >= 0, "data.eval_size", d.eval_size, "must be a count or a fraction in [0, 1)")
 
-    _one_of("scorer.name", cfg.scorer.name, ["influence"])
+    from tokenclean.scorers import validate_scorer
+    validate_scorer(cfg, _check, _one_of)
     _one_of("selection.method", s.method, ["global", "sample", "threshold", "random", "all"])
     if s.method in ("global", "sample", "random"):
         _check(0 < s.keep_ratio <= 1, "selection.keep_ratio", s.keep_ratio, "must be in (0, 1]")

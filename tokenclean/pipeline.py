@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenclean import selection
+from tokenclean import scorers, selection
 from tokenclean.config import Config
 from tokenclean.ragged import Ragged, atomic_write_text, fingerprint
 
@@ -243,7 +243,7 @@ class Pipeline:
         return prepare(self.acc, lm, n_examples, self.cfg.training, _stage_seed(self.cfg.seed, stage),
                        steps_before, steps_total)
 
-    def _fit(self, prepared, split: Split, keep: Ragged, stage: str, round: int | None) -> dict:
+    def _fit(self, prepared, split: Split, keep: Ragged, stage: str, round: int | None, online=None) -> dict:
         from tokenclean.train import fit
         n_steps = len(prepared.steps)
 
@@ -252,9 +252,24 @@ class Pipeline:
             if step % self.cfg.training.log_every == 0 or step == n_steps - 1:
                 self.tracker.log(metrics, stage=stage, round=round, **{"train/step": self.global_step})
 
-        stats = fit(self.acc, prepared, split.input_ids, keep, self.cfg.training, self.pad_id, on_step, desc=stage)
+        stats = fit(self.acc, prepared, split.input_ids, keep, self.cfg.training, self.pad_id, on_step, desc=stage,
+                    online=online)
         self.manifest.data["global_step"] = self.global_step
         return stats
+
+    def _online(self, cached: Ragged, target: Ragged):
+        """The per-batch selector of an online scorer (rho: cached reference losses; self_online: base losses)."""
+        s = self.cfg.selection
+        return scorers.OnlineSelector(self.cfg.scorer.name, cached, target, s.method, s.keep_ratio, s.threshold,
+                                      self.cfg.scorer.online_scope)
+
+    def _online_done(self, sel, rel: str) -> tuple[Ragged, Ragged, dict]:
+        """Store what an online selector chose (its scores and keep decisions, as when each token was trained)."""
+        sel.finish(self.acc)
+        scores, keep = sel.scores_ragged(), sel.keep_ragged()
+        self._save_ragged(scores, f"{rel}scores")
+        self._save_ragged(keep, f"{rel}keep")
+        return scores, keep, sel.summary()
 
     def _free(self, *objects) -> None:
         self.acc.free_memory(*objects)
@@ -310,8 +325,10 @@ class Pipeline:
     def run_fixed(self) -> dict:
         cfg, m = self.cfg, self.manifest
         scored = self._needs_scores()
+        name = cfg.scorer.name
+        needs_ref, online = scored and scorers.needs_reference(name), scored and scorers.is_online(name)
         # 1. (scoring only) base losses with the untouched base, then the warm-up reference and its losses
-        if scored and not m.done("reference"):
+        if needs_ref and not m.done("reference"):
             prepared = self._prepare(self._model(self.base_dir), len(self.warmup), "reference")
             eval_base = self._eval(prepared.model, "base")
             if not m.done("base_losses"):
@@ -330,32 +347,63 @@ class Pipeline:
                        eval_base=eval_base, eval_reference=ev)
         # 2. scores and the keep mask
         if not m.done("select"):
-            scores = None
-            if scored:
+            scores = keep = None
+            if scored and name == "influence":
                 base, ref = self._load_ragged("losses/base"), self._load_ragged("losses/reference")
-                scores = base.like(base.values - ref.values)   # influence: l_base - l_ref
+                scores = scorers.influence(base, ref)   # l_base - l_ref
                 self._save_ragged(scores, "scores")
-            keep = self._select(scores, self.train.target, cfg.seed)
-            self._save_ragged(keep, "keep")
-            m.complete("select", **self._round_metrics(0, scores, keep, self.train.target))
+            elif scored and name == "xtf":   # base-model attributes, union rule: XTF's own keep ratio
+                t = time.perf_counter()
+                x = cfg.scorer.xtf
+                attrs = scorers.xtf(self.acc, self.base_dir, cfg.model, x, self.train.input_ids, self.train.target,
+                                    None, self.tokenizer, cfg.training.score_batch_size, self.pad_id, cfg.seed)
+                self._save_ragged(attrs.pop("base_losses"), "losses/base")
+                for k, v in attrs.items():
+                    self._save_ragged(v, f"xtf/{k}")
+                keep = attrs["keep"]
+                xtf_info = {f"xtf_{r}_noise": int(np.count_nonzero(attrs[f"{r}_noise"].values)) for r in ("kn", "ri",
+                                                                                                         "tr")}
+            if online:   # chosen per batch while the final stage trains
+                m.complete("select", online=True, tokens_target=self.train.n_targets)
+            else:
+                keep = self._select(scores, self.train.target, cfg.seed) if keep is None else keep
+                self._save_ragged(keep, "keep")
+                extra = xtf_info if scored and name == "xtf" else {}
+                if extra:
+                    extra["score_seconds"] = round(time.perf_counter() - t, 2)
+                m.complete("select", **self._round_metrics(0, scores, keep, self.train.target, **extra))
         # 3. fine-tune the base on the cleaned labels
         if not m.done("final"):
-            keep = self._load_ragged("keep")
+            keep = self.train.target if online else self._load_ragged("keep")
             prepared = self._prepare(self._model(self.base_dir), len(self.train), "final")
-            eval_base = m.get("reference")["eval_base"] if scored else self._eval(prepared.model, "base")
-            stats = self._fit(prepared, self.train, keep, "final", None)
+            eval_base = m.get("reference")["eval_base"] if needs_ref else self._eval(prepared.model, "base")
+            sel, online_info = None, {}
+            if online:
+                if name == "self_online" and not m.done("base_losses"):   # the untouched base, before training
+                    t = time.perf_counter()
+                    self._save_ragged(self._losses(prepared.model, self.train, "base losses"), "losses/base")
+                    m.complete("base_losses", seconds=round(time.perf_counter() - t, 2))
+                sel = self._online(self._load_ragged("losses/reference" if name == "rho" else "losses/base"),
+                                   self.train.target)
+            stats = self._fit(prepared, self.train, keep, "final", None, online=sel)
+            if sel is not None:
+                _, keep, online_info = self._online_done(sel, "")
+                online_info.update(selection.summary(keep, self.train.target))
             ev = self._eval(prepared.model, "final")
             self._save(prepared.model, self.run_dir / "final", self.base_dir)
             self._free(prepared.model, prepared.optimizer)
             m.complete("final", train_seconds=round(stats["seconds"], 2), steps=stats["steps"],
                        final_train_loss=_last(stats), tokens_per_second=round(stats["tokens_per_second"], 1),
-                       eval_base=eval_base, eval_final=ev)
+                       eval_base=eval_base, eval_final=ev, **online_info)
         fin, sel = m.get("final"), m.get("select")
+        if online:   # online: the keep decisions as each token was trained, counted over every trained occurrence
+            sel = {"tokens_target": sel["tokens_target"], "tokens_kept": fin["online_kept_total"],
+                   "kept_ratio": fin["online_kept_total"] / max(fin["online_tokens_trained"], 1)}
         out = {"pipeline": "fixed", "tokens_scored": self.train.n_targets if scored else 0,
                "tokens_target": sel["tokens_target"], "tokens_kept": sel["tokens_kept"],
                "kept_ratio": sel["kept_ratio"], "eval_loss_before": fin["eval_base"].get("eval_loss"),
                "eval_loss_after": fin["eval_final"].get("eval_loss"), "checkpoint": str(self.run_dir / "final")}
-        if scored:
+        if needs_ref:
             out["eval_loss_reference"] = m.get("reference")["eval_reference"].get("eval_loss")
         return out
 
@@ -401,7 +449,7 @@ class Pipeline:
                 lm, start = self._model(str(prev)), str(prev)
             prepared = self._prepare(lm, len(chunks[t]), stage, steps_before=sum(round_steps[:t]) if continuous else 0,
                                      steps_total=sum(round_steps) if continuous else None)
-            info = {}
+            info, sel = {}, None
             if t == 0:
                 # base losses of every later chunk, once, with the untouched base; round 0 keeps every token
                 info["eval_base"] = self._eval(prepared.model, "base", round=0)
@@ -415,19 +463,26 @@ class Pipeline:
                         self._save_ragged(part, f"round_{k}/base_losses")
                     m.complete("base_losses", seconds=round(time.perf_counter() - tt, 2))
                 keep, scores = chunks[0].target, None
+            elif scorers.is_online(cfg.scorer.name) and self._needs_scores():
+                # ours: l_base (cached) - l_current, ranked per batch while this round trains: no reference pass
+                sel = self._online(self._load_ragged(f"{stage}/base_losses"), chunks[t].target)
+                keep, scores = chunks[t].target, None
             else:
                 if not m.done(f"{stage}.select"):
                     tt = time.perf_counter()
                     ref = self._losses(prepared.model, chunks[t], f"round {t} reference losses")
                     base = self._load_ragged(f"{stage}/base_losses")
-                    scores = base.like(base.values - ref.values)       # l(theta_0) - l(theta_t)
+                    scores = scorers.influence(base, ref)       # l(theta_0) - l(theta_t)
                     keep = self._select(scores, chunks[t].target, _stage_seed(cfg.seed, stage))
                     self._save_ragged(ref, f"{stage}/reference_losses")
                     self._save_ragged(scores, f"{stage}/scores")
                     self._save_ragged(keep, f"{stage}/keep")
                     m.complete(f"{stage}.select", score_seconds=round(time.perf_counter() - tt, 2))
                 scores, keep = self._load_ragged(f"{stage}/scores"), self._load_ragged(f"{stage}/keep")
-            stats = self._fit(prepared, chunks[t], keep, stage, t)
+            stats = self._fit(prepared, chunks[t], keep, stage, t, online=sel)
+            if sel is not None:
+                scores, keep, online_info = self._online_done(sel, f"{stage}/")
+                info.update(online_info)
             ev = self._eval(prepared.model, stage, round=t)
             self._save(prepared.model, rdir / "model", start)
             self._free(prepared.model, prepared.optimizer)

@@ -101,8 +101,12 @@ def prepare(accelerator, lm: torch.nn.Module, n_examples: int, cfg: TrainingConf
 
 
 def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: TrainingConfig, pad_id: int,
-        on_step=None, desc: str = "train") -> dict:
-    """Run every planned step on the kept tokens. on_step(step, metrics) is called on every rank after each step."""
+        on_step=None, desc: str = "train", online=None) -> dict:
+    """Run every planned step on the kept tokens. on_step(step, metrics) is called on every rank after each step.
+
+    online (a scorers.OnlineSelector; `keep` is then the response mask of the candidates): each step's kept tokens
+    are chosen from the current model while training (Rho-1, online self-evolving); the loss is still normalised
+    by the step's kept tokens, exactly."""
     world, rank = accelerator.num_processes, accelerator.process_index
     model, optimizer, scheduler = p.model, p.optimizer, p.scheduler
     model.train()
@@ -117,9 +121,13 @@ def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: Training
     for step_i, step in enumerate(bar):
         n_kept = int(kept_per_example[step].sum())
         loss_sum = torch.zeros((), device=accelerator.device)
-        for m_i, idx in enumerate(micro_batches(step, rank, world, cfg.micro_batch_size, p.n_micro)):
+        micro, mask_src = micro_batches(step, rank, world, cfg.micro_batch_size, p.n_micro), keep
+        if online is not None:   # n_kept None: the step's only forward decides it (online.weigh)
+            mask_src, n_kept = online.begin_step(accelerator, model, step, micro, p.n_micro, cfg.micro_batch_size,
+                                                 input_ids, pad_id)
+        for m_i, idx in enumerate(micro):
             empty = len(idx) == 0
-            batch = collate(input_ids, keep, idx if not empty else step[:1], pad_id)
+            batch = collate(input_ids, mask_src, idx if not empty else step[:1], pad_id)
             if empty:
                 batch["mask"][:] = False
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -128,6 +136,8 @@ def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: Training
             with ctx:
                 with accelerator.autocast():
                     losses = model(**batch)
+                if online is not None:
+                    losses, n_kept = online.weigh(idx, losses, n_kept)
                 loss = losses.sum() * (scale / max(n_kept, 1))
                 accelerator.backward(loss)
             loss_sum += losses.detach().sum()
