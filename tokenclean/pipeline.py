@@ -96,7 +96,15 @@ def make_accelerator(cfg: Config):
         return Accelerator(mixed_precision=mp)
     handler = InitProcessGroupKwargs(backend=None if torch.cuda.is_available() else "gloo",
                                      timeout=timedelta(seconds=int(os.environ.get("TOKENCLEAN_TIMEOUT", 1800))))
-    return Accelerator(mixed_precision=mp, kwargs_handlers=[handler])
+    # without a GPU, plain multi-process (DDP) needs cpu=True, else accelerate records DistributedType.NO: no barrier,
+    # no gradient sync, every rank trains alone; DeepSpeed needs cpu=False, else accelerate silently runs DDP instead
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available() and not use_deepspeed,
+                      kwargs_handlers=[handler])
+    if acc.distributed_type.value == "NO" or acc.num_processes != int(os.environ["WORLD_SIZE"]):
+        raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate set up {acc.distributed_type} with "
+                           f"{acc.num_processes} process(es): the ranks would not synchronise")
+    return acc
 
 
 def _bf16_supported() -> bool:
@@ -182,7 +190,11 @@ class Pipeline:
                                             if k not in CONFIG_KEYS_NOT_AFFECTING_RESULTS}, sort_keys=True))
         data_fp = fingerprint(self.train.fingerprint(), self.eval.fingerprint() if self.eval else "",
                               self.warmup.fingerprint() if self.warmup else "")
-        if manifest.exists():
+        # every rank looks before rank 0 may write one: a rank that looked later would take the other branch below
+        # and skip its barrier (the collectives then pair up wrongly and the run hangs)
+        existed = manifest.exists()
+        self.acc.wait_for_everyone()
+        if existed:
             old = json.loads(manifest.read_text())
             same = old.get("config_fingerprint") == config_fp and old.get("data_fingerprint") == data_fp
             if self.cfg.resume and not same:
@@ -200,7 +212,7 @@ class Pipeline:
                 self.acc.wait_for_everyone()
             elif self.acc.is_main_process:
                 log.info("resuming %s: completed stages %s", self.run_dir, ", ".join(old["stages"]) or "none")
-        if not manifest.exists() or not self.cfg.resume:
+        if not existed or not self.cfg.resume:
             if self.acc.is_main_process:
                 atomic_write_text(manifest, json.dumps({"config_fingerprint": config_fp, "data_fingerprint": data_fp,
                                                         "run_id": _run_id(self.run_dir), "stages": {}}, indent=1))
