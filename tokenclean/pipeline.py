@@ -208,7 +208,7 @@ class Pipeline:
                 if self.acc.is_main_process:
                     log.warning("resume=false: clearing %s", self.run_dir)
                     for p in self.run_dir.iterdir():
-                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
                 self.acc.wait_for_everyone()
             elif self.acc.is_main_process:
                 log.info("resuming %s: completed stages %s", self.run_dir, ", ".join(old["stages"]) or "none")

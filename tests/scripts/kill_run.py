@@ -27,12 +27,12 @@ if kind == "train":
     stage, n = arg.rsplit(":", 1)
     fit = tokenclean.train.fit
 
-    def fit_and_die(accelerator, p, input_ids, keep, cfg, pad_id, on_step=None, desc="train"):
+    def fit_and_die(accelerator, p, input_ids, keep, cfg, pad_id, on_step=None, desc="train", **kwargs):
         def step(i, metrics):
             on_step(i, metrics)
             if desc == stage and i + 1 == int(n):
                 die()
-        return fit(accelerator, p, input_ids, keep, cfg, pad_id, step, desc)
+        return fit(accelerator, p, input_ids, keep, cfg, pad_id, step, desc, **kwargs)
     tokenclean.train.fit = fit_and_die
 elif kind == "checkpoint":
     real_replace = os.replace

@@ -1,0 +1,66 @@
+"""SIGKILL a run at several points, run the same command again: it resumes and reaches the same masks and weights."""
+import json
+
+import numpy as np
+import pytest
+
+from tests.cli import ROOT, TINY, load_array, run_cli, same_weights, stages
+
+SELF_EVOLVING = [*TINY, "data.limit=160", "pipeline=self_evolving", "pipeline.chunks=3"]
+KILL = ROOT / "tests" / "scripts" / "kill_run.py"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("se") / "run"
+    run_cli(SELF_EVOLVING, run_dir)
+    return run_dir
+
+
+def assert_same_result(run_dir, reference):
+    assert stages(run_dir) .keys() == stages(reference).keys()
+    for t in (1, 2):
+        np.testing.assert_array_equal(load_array(run_dir / f"round_{t}/keep").values,
+                                      load_array(reference / f"round_{t}/keep").values)
+    assert same_weights(run_dir / "round_2/model", reference / "round_2/model")
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference))
+    assert a["eval_loss_after"] == b["eval_loss_after"]
+
+
+@pytest.mark.parametrize("kill_at, done_before", [
+    ("train:round_1:2", ["base_losses", "round_0", "round_1.select"]),    # mid-training
+    ("checkpoint:model", ["base_losses"]),                                # round 0's checkpoint written, not published
+    ("array:round_2/scores", ["base_losses", "round_0", "round_1.select", "round_1"]),    # scores' arrays written, meta not
+    ("manifest:round_1", ["base_losses", "round_0", "round_1.select"]),   # the manifest naming round_1 half-written
+])
+def test_self_evolving_resumes_after_sigkill(tmp_path, uninterrupted, kill_at, done_before):
+    run_dir = tmp_path / "run"
+    killed = run_cli(SELF_EVOLVING, run_dir, script=KILL, env={"KILL_AT": kill_at}, check=False)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert list(stages(run_dir)) == done_before
+    resumed = run_cli(SELF_EVOLVING, run_dir)
+    assert "resuming" in resumed.stderr
+    assert_same_result(run_dir, uninterrupted)
+    assert not list(run_dir.rglob("*.tmp*")) or kill_at.startswith("manifest")
+
+
+def test_fixed_resumes_mid_training(tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    run_cli(TINY, ref_dir)
+    killed = run_cli(TINY, run_dir, script=KILL, env={"KILL_AT": "train:final:3"}, check=False)
+    assert killed.returncode == -9
+    assert list(stages(run_dir)) == ["base_losses", "reference", "select"]
+    run_cli(TINY, run_dir)
+    np.testing.assert_array_equal(load_array(run_dir / "keep").values, load_array(ref_dir / "keep").values)
+    assert same_weights(run_dir / "final", ref_dir / "final")
+
+
+def test_a_different_config_refuses_to_resume(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    run_cli([*SELF_EVOLVING, "training.max_steps=1"], run_dir)
+    proc = run_cli([*SELF_EVOLVING, "training.max_steps=2"], run_dir, check=False)
+    assert proc.returncode != 0
+    assert "holds a run made with a different config" in proc.stderr and "resume=false" in proc.stderr
+    run_cli([*SELF_EVOLVING, "training.max_steps=2", "resume=false"], run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["round_2"]["steps"] == 2
