@@ -26,7 +26,8 @@ class Tracker:
         if not enabled or cfg.tracking.backend != "wandb":
             return
         import wandb
-        mode = cfg.tracking.mode or ("online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline")
+        mode = (cfg.tracking.mode or os.environ.get("WANDB_MODE")
+                or ("online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"))
         os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb = wandb.init(project=cfg.tracking.project, entity=cfg.tracking.entity,
                                 group=cfg.tracking.group or cfg.name, job_type=cfg.pipeline.name,
