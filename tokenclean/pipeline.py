@@ -81,6 +81,20 @@ class Manifest:
         self.acc.wait_for_everyone()
 
 
+def _slurm_to_torch_env() -> None:
+    """Under srun/submitit (one task per GPU, no launcher), derive torch.distributed's variables from SLURM's."""
+    env = os.environ
+    if "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", 1)) <= 1 or "SLURM_PROCID" not in env:
+        return
+    import subprocess
+    first = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
+                           text=True, check=True).stdout.split()[0]
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+               LOCAL_WORLD_SIZE=env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0],
+               MASTER_ADDR=env.get("MASTER_ADDR", first),
+               MASTER_PORT=env.get("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)))
+
+
 def make_accelerator(cfg: Config):
     from datetime import timedelta
 
@@ -92,6 +106,7 @@ def make_accelerator(cfg: Config):
         mp = "bf16" if _bf16_supported() else "no"
     # gloo when there is no GPU (DeepSpeed on CPU needs it spelled out); a bounded timeout, so a rank that dies
     # takes the others down with an error instead of leaving them waiting forever
+    _slurm_to_torch_env()
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return Accelerator(mixed_precision=mp)
     handler = InitProcessGroupKwargs(backend=None if torch.cuda.is_available() else "gloo",

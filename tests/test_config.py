@@ -1,0 +1,84 @@
+"""Config composition, validation and the SLURM bridge, without running a job."""
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import tokenclean.__main__  # noqa: F401  registers the schema and the model_tag resolver
+from tokenclean.config import ConfigError, validate
+from tokenclean.pipeline import _slurm_to_torch_env
+from tests.cli import ROOT
+
+
+def typed(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return OmegaConf.to_object(cfg)
+
+
+def test_default_config_is_the_builtin_job():
+    cfg = typed()
+    validate(cfg)
+    assert cfg.model.name_or_path == "builtin:smollm2-135m-instruct"
+    assert cfg.data.train == "builtin:chatterbot" and cfg.pipeline.name == "fixed"
+    assert cfg.selection.method == "global" and cfg.selection.keep_ratio == 0.6
+    assert cfg.name == "fixed-smollm2-135m-instruct"
+
+
+def test_model_preset_sets_what_suits_it_and_overrides_win():
+    cfg = typed("model=tiny")
+    assert cfg.training.mixed_precision == "no" and cfg.training.lr == 2e-3
+    assert typed("model=tiny", "training.lr=1e-3").training.lr == 1e-3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("selection.keep_ratio=0", "selection.keep_ratio=0.0: must be in (0, 1]"),
+    ("training.micro_batch_size=16", "training.batch_size=8: must be >= training.micro_batch_size (16)"),
+    ("pipeline=self_evolving", None),
+    ("pipeline.chunks=1", None),            # fixed pipeline ignores chunks
+])
+def test_validation_names_the_override(override, message):
+    cfg = typed("model=tiny", override)
+    if message is None:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value) == message
+
+
+def test_self_evolving_needs_two_chunks():
+    with pytest.raises(ConfigError, match="pipeline.chunks=1: self-evolving cleaning needs at least 2 chunks"):
+        validate(typed("model=tiny", "pipeline=self_evolving", "pipeline.chunks=1"))
+
+
+def test_slurm_launcher_config_composes():
+    out = subprocess.run([sys.executable, "-m", "tokenclean", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                          "--cfg", "hydra"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    launcher = OmegaConf.create(out)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["tasks_per_node"] == 8 and launcher["partition"] == "gpu"
+
+
+def test_slurm_tasks_become_torch_ranks(tmp_path, monkeypatch):
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\necho node017\necho node018\n")
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(k, "")      # recorded, so the teardown removes what the bridge sets
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SLURM_PROCID", "9")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x2)")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[017-018]")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    _slurm_to_torch_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("9", "16", "1")
+    assert os.environ["LOCAL_WORLD_SIZE"] == "8"
+    assert os.environ["MASTER_ADDR"] == "node017" and os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
