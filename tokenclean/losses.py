@@ -49,16 +49,34 @@ class TokenLoss(nn.Module):
         y = input_ids[rows, cols]
         head = lm.get_output_embeddings()
         cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
-        chunks = []
-        for start in range(0, len(y), self.chunk_size):
-            h_c, y_c = h[start:start + self.chunk_size], y[start:start + self.chunk_size]
-            if torch.is_grad_enabled() and len(y) > self.chunk_size:
+        n_chunks = _same_on_every_rank(math.ceil(len(y) / self.chunk_size), head, h.device)
+        chunks, padding = [], []
+        for i in range(n_chunks):
+            h_c, y_c = h[i * self.chunk_size:(i + 1) * self.chunk_size], y[i * self.chunk_size:(i + 1) * self.chunk_size]
+            if len(y_c) == 0:           # ZeRO-3: this rank has fewer chunks than another; run the head anyway
+                h_c, y_c = h[:1], y[:1]
+            if torch.is_grad_enabled() and n_chunks > 1:
                 # recompute each chunk's logits in backward rather than keep them all
-                chunks.append(checkpoint(_head_ce, head, h_c, y_c, cap, use_reentrant=False))
+                out = checkpoint(_head_ce, head, h_c, y_c, cap, use_reentrant=False)
             else:
-                chunks.append(_head_ce(head, h_c, y_c, cap))
+                out = _head_ce(head, h_c, y_c, cap)
+            (chunks if i * self.chunk_size < len(y) else padding).append(out)
         losses = torch.cat(chunks)
+        if padding:                     # in the graph (the same backward on every rank), adding exactly 0
+            losses = losses + 0 * torch.cat(padding).sum()
         return losses * 0 if empty else losses
+
+
+def _same_on_every_rank(n: int, head: nn.Module, device: torch.device) -> int:
+    """The number of LM-head chunks this forward runs: under ZeRO-3 the largest over the ranks.
+
+    ZeRO-3 gathers a module's shards collectively on every call, and checks that every rank called the same modules
+    in the same order; a rank with fewer response positions in its batch must still call the head as often."""
+    if not hasattr(head.weight, "ds_id") or not torch.distributed.is_initialized():   # not a ZeRO-3 parameter
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=device)   # the compute device (NCCL needs the GPU)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
 
 
 def _head_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor, cap) -> torch.Tensor:

@@ -132,6 +132,10 @@ def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: Training
                 batch["mask"][:] = False
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             sync = m_i == p.n_micro - 1
+            if p.is_deepspeed:
+                # accelerate's backward marks an accumulation boundary and steps the DeepSpeed engine whenever
+                # sync_gradients is set, which it is unless told otherwise: only the step's last micro-batch may
+                accelerator.gradient_state._set_sync_gradients(sync)
             ctx = accelerator.no_sync(model) if not sync and not p.is_deepspeed else contextlib.nullcontext()
             with ctx:
                 with accelerator.autocast():
