@@ -20,7 +20,8 @@ def test_fixed_pipeline_writes_every_stage(fixed_run):
     run_dir, proc = fixed_run
     assert list(stages(run_dir)) == ["base_losses", "reference", "select", "final"]
     for name in ("config.yaml", "summary.json", "metrics.jsonl", "final/model.safetensors", "final/tokenizer.json",
-                 "final/config.json", "reference/model.safetensors", "losses/base.values.npy", "scores.json", "keep.json"):
+                 "final/config.json", "reference/model.safetensors", "losses/base.values.npy", "scores.json", "keep.json",
+                 "cleaned.parquet", "report.html"):
         assert (run_dir / name).exists(), name
     assert "held-out loss" in proc.stdout and str(run_dir / "final") in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -42,6 +43,24 @@ def test_scores_are_base_minus_reference_and_keep_the_top(fixed_run):
     kept, dropped = s[keep.values], s[~keep.values & ~np.isnan(s)]
     assert kept.min() >= dropped.max()
     assert not np.isnan(s[keep.values]).any()
+
+
+def test_cleaned_dataset_has_labels_trl_can_use(fixed_run):
+    """cleaned.parquet: token ids and a `labels` column, -100 on prompt and dropped tokens, as HF/TRL expect."""
+    import datasets
+
+    run_dir, _ = fixed_run
+    ds = datasets.load_dataset("parquet", data_files=str(run_dir / "cleaned.parquet"), split="train")
+    keep = load_array(run_dir / "keep")
+    assert ds.column_names == ["input_ids", "attention_mask", "labels"] and len(ds) == len(keep)
+    for i in (0, len(ds) - 1):
+        labels = np.array(ds[i]["labels"])
+        ids = np.array(ds[i]["input_ids"])
+        np.testing.assert_array_equal(labels != -100, keep[i])
+        np.testing.assert_array_equal(labels[keep[i]], ids[keep[i]])
+    assert sum(int((np.array(r) != -100).sum()) for r in ds["labels"]) == 6726
+    html = (run_dir / "report.html").read_text()
+    assert "kept 6,726 of 11,211 response tokens" in html and 'class="d"' in html
 
 
 def test_checkpoint_reloads_with_the_same_losses(fixed_run):

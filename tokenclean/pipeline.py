@@ -342,9 +342,38 @@ class Pipeline:
         summary["truncation"] = self.truncation
         summary["malformed_records_skipped"] = self.n_skipped_records
         if self.acc.is_main_process:
+            self._write_report()
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self.tracker.finish(_flat(summary))
         return summary
+
+    def _write_report(self) -> None:
+        """cleaned.parquet (the cleaned dataset with a `labels` column) and report.html (kept/dropped tokens)."""
+        from tokenclean.report import write_cleaned, write_html
+
+        def load(rel):
+            return self._load_ragged(rel) if Ragged.exists(self.run_dir / rel) else None
+
+        if self.cfg.pipeline.name == "fixed":
+            parts = [(self.train, "")]
+        else:
+            parts = [(self.train.subset(c), f"round_{t}/") for t, c in enumerate(self._chunks())]
+        ids, target, keep, scores, attrs = [], [], [], [], {}
+        for split, prefix in parts:
+            ids.append(split.input_ids)
+            target.append(split.target)
+            keep.append(load(prefix + "keep") or split.target)
+            s = load(prefix + "scores")
+            scores.append(s if s is not None else split.target.like(np.full(len(split.target.values), np.nan,
+                                                                            np.float32)))
+            for name in ("kn", "ri", "tr"):
+                a = load(f"{prefix}xtf/{name}_noise")
+                if a is not None:
+                    attrs.setdefault(name.upper(), []).append(a)
+        cat = _concat
+        write_cleaned(self.run_dir / "cleaned.parquet", cat(ids), cat(keep))
+        write_html(self.run_dir / "report.html", self.tokenizer, cat(ids), cat(target), cat(keep), cat(scores),
+                   {k: cat(v) for k, v in attrs.items() if len(v) == len(parts)}, title=str(self.run_dir.name))
 
     def _needs_scores(self) -> bool:
         return self.cfg.selection.method not in ("all", "random")
@@ -532,6 +561,13 @@ class Pipeline:
                 "kept_ratio": sum(r["tokens_kept"] for r in rounds) / max(sum(r["tokens_target"] for r in rounds), 1),
                 "eval_loss_before": rounds[0].get("eval_base", {}).get("eval_loss"),
                 "eval_loss_after": rounds[-1].get("eval_loss"), "checkpoint": str(final)}
+
+
+def _concat(parts: list[Ragged]) -> Ragged:
+    offsets = [np.zeros(1, np.int64)]
+    for p in parts:
+        offsets.append(p.offsets[1:] + offsets[-1][-1])
+    return Ragged(np.concatenate([np.asarray(p.values) for p in parts]), np.concatenate(offsets))
 
 
 def _stage_seed(seed: int, stage: str) -> int:

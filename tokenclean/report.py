@@ -1,0 +1,67 @@
+"""What a run kept and dropped, in a form people and other tools can use.
+
+  cleaned.parquet  input_ids / attention_mask / labels (-100 on prompt and dropped tokens): the cleaned dataset, which
+                   TRL's SFTTrainer (or any HF Trainer) uses as is
+  report.html      the first examples token by token: prompt grey, kept green, dropped red, the score (and XTF's
+                   per-attribute decisions, when present) on hover
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+
+from tokenclean.ragged import Ragged
+
+
+def write_cleaned(path: Path, input_ids: Ragged, keep: Ragged) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = np.asarray(input_ids.values, dtype=np.int64)
+    labels = np.where(np.asarray(keep.values, dtype=bool), ids, -100)
+    offsets = pa.array(input_ids.offsets.astype(np.int32))
+    table = pa.table({
+        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
+        "attention_mask": pa.ListArray.from_arrays(offsets, pa.array(np.ones(len(ids), dtype=np.int8))),
+        "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
+    })
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def write_html(path: Path, tokenizer, input_ids: Ragged, target: Ragged, keep: Ragged, scores: Ragged | None,
+               attributes: dict[str, Ragged] | None = None, n_examples: int = 30, title: str = "tokenclean") -> None:
+    """attributes: name -> bool Ragged marking tokens an attribute calls noise (XTF), shown on hover."""
+    rows = []
+    for i in range(min(n_examples, len(input_ids))):
+        ids, tgt, kp = input_ids[i], np.asarray(target[i], bool), np.asarray(keep[i], bool)
+        sc = scores[i] if scores is not None else None
+        spans = []
+        for j, tok_id in enumerate(ids):
+            text = html.escape(tokenizer.decode([int(tok_id)])).replace("\n", "&#8629;<br>")
+            if not tgt[j]:
+                spans.append(f'<span class="p">{text}</span>')
+                continue
+            tip = [f"kept" if kp[j] else "dropped"]
+            if sc is not None and not np.isnan(sc[j]):
+                tip.append(f"score {sc[j]:+.3f}")
+            for name, marks in (attributes or {}).items():
+                if marks[i][j]:
+                    tip.append(f"{name}: noise")
+            spans.append(f'<span class="{"k" if kp[j] else "d"}" title="{"; ".join(tip)}">{text}</span>')
+        n_t, n_k = int(tgt.sum()), int((kp & tgt).sum())
+        rows.append(f"<div class=ex><div class=h>example {i}: kept {n_k} of {n_t} response tokens</div>"
+                    f"{''.join(spans)}</div>")
+    n_t, n_k = int(np.count_nonzero(target.values)), int(np.count_nonzero(keep.values))
+    page = f"""<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>
+<style>body{{font:14px/1.6 monospace;max-width:1100px;margin:2em auto}} .ex{{border-top:1px solid #ccc;padding:.6em 0}}
+.h{{color:#555;font-weight:bold}} .p{{color:#999}} .k{{background:#c8f0c8}} .d{{background:#f6c6c6;text-decoration:line-through}}</style>
+<h2>{html.escape(title)}</h2><p>kept {n_k:,} of {n_t:,} response tokens ({n_k / max(n_t, 1):.1%}).
+<span class=p>prompt</span> <span class=k>kept</span> <span class=d>dropped</span>; hover a token for its score.</p>
+{''.join(rows)}"""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
