@@ -298,8 +298,10 @@ class Pipeline:
         self._save_ragged(keep, f"{rel}keep")
         return scores, keep, sel.summary()
 
-    def _free(self, *objects) -> None:
-        self.acc.free_memory(*objects)
+    def _free(self, prepared) -> None:
+        """Release a training stage's model, optimiser and engine before the next stage builds its own."""
+        self.acc.free_memory(prepared.model, prepared.optimizer)
+        prepared.model = prepared.optimizer = prepared.scheduler = None   # else this object keeps them alive
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -397,7 +399,7 @@ class Pipeline:
             score_seconds = time.perf_counter() - t
             ev = self._eval(prepared.model, "reference")
             self._save(prepared.model, self.run_dir / "reference", self.base_dir)
-            self._free(prepared.model, prepared.optimizer)
+            self._free(prepared)
             m.complete("reference", train_seconds=round(stats["seconds"], 2), steps=stats["steps"],
                        score_seconds=round(score_seconds, 2), final_train_loss=_last(stats),
                        eval_base=eval_base, eval_reference=ev)
@@ -447,7 +449,7 @@ class Pipeline:
                 online_info.update(selection.summary(keep, self.train.target))
             ev = self._eval(prepared.model, "final")
             self._save(prepared.model, self.run_dir / "final", self.base_dir)
-            self._free(prepared.model, prepared.optimizer)
+            self._free(prepared)
             m.complete("final", train_seconds=round(stats["seconds"], 2), steps=stats["steps"],
                        final_train_loss=_last(stats), tokens_per_second=round(stats["tokens_per_second"], 1),
                        eval_base=eval_base, eval_final=ev, **online_info)
@@ -541,7 +543,7 @@ class Pipeline:
                 info.update(online_info)
             ev = self._eval(prepared.model, stage, round=t)
             self._save(prepared.model, rdir / "model", start)
-            self._free(prepared.model, prepared.optimizer)
+            self._free(prepared)
             metrics = self._round_metrics(t, scores, keep, chunks[t].target, eval_loss=ev.get("eval_loss"),
                                           eval_ppl=ev.get("eval_ppl"), train_seconds=round(stats["seconds"], 2),
                                           final_train_loss=_last(stats), steps=stats["steps"])
