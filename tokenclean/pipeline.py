@@ -236,14 +236,9 @@ class Pipeline:
     def _log_data(self) -> None:
         if not self.acc.is_main_process:
             return
-        t = self.truncation
         log.info("data: %d train examples (%d response tokens), %d warm-up, %d eval; %d malformed records skipped",
                  len(self.train), self.train.n_targets, len(self.warmup) if self.warmup else 0,
                  len(self.eval) if self.eval else 0, self.n_skipped_records)
-        if t["examples"]:
-            log.warning("truncation: %d examples longer than data.max_length=%d lost %d response tokens "
-                        "(%d examples dropped with none left)", t["examples"], self.cfg.data.max_length,
-                        t["target_tokens"], t["dropped_examples"])
 
     # ----------------------------------------------------------------- building blocks
     def _model(self, path: str, adapter: str | None = None):
