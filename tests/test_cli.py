@@ -138,3 +138,27 @@ def test_on_error_skip_counts_the_skipped_records(tmp_path):
              "selection=all"], run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["malformed_records_skipped"] == 2
+
+
+def test_lora_and_a_separate_warmup_file(tmp_path):
+    """LoRA training merged into a plain checkpoint; the reference learns from its own warm-up file."""
+    from transformers import AutoModelForCausalLM
+    from tokenclean.assets import builtin_records, resolve_model
+
+    records = builtin_records("builtin:chatterbot")
+    warmup = tmp_path / "warmup.jsonl"
+    warmup.write_text("\n".join(json.dumps(r) for r in records[-40:]) + "\n")
+    run_dir = tmp_path / "run"
+    run_cli([*TINY, f"data.warmup={warmup}", "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8",
+             "training.lr=1e-2"], run_dir)
+    manifest = stages(run_dir)
+    assert manifest["reference"]["steps"] == 5                       # 40 warm-up records / batch 8
+    assert len(load_array(run_dir / "keep")) == 216                  # nothing of train taken for the warm-up
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "final")  # a plain model: the adapter is merged
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("builtin:tiny"))
+    names = [n for n, _ in final.named_parameters()]
+    assert names == [n for n, _ in base.named_parameters()] and not any("lora" in n for n in names)
+    changed = {n for (n, p), (_, q) in zip(final.named_parameters(), base.named_parameters()) if not torch.equal(p, q)}
+    assert changed and all(n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                                       "gate_proj.weight", "up_proj.weight", "down_proj.weight")) for n in changed)
+    assert (run_dir / "final" / "adapter" / "adapter_config.json").exists()

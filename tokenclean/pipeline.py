@@ -149,12 +149,16 @@ class Pipeline:
             skipped += s
         self.n_skipped_records = skipped
 
-        self.acc = make_accelerator(cfg)
-        self.base_dir = resolve_model(cfg.model.name_or_path) if self.acc.is_local_main_process else None
-        self.acc.wait_for_everyone()  # rank 0 converts a built-in model once; the others then find it cached
+        # a built-in model is built (once, cached) before the Accelerator exists: under ZeRO-3 every model
+        # construction after it is a collective (deepspeed.zero.Init) that the other ranks would never join. Every
+        # rank calls it; a file lock in the cache lets one process per machine build while the others wait.
         self.base_dir = resolve_model(cfg.model.name_or_path)
+        self.acc = make_accelerator(cfg)
         from tokenclean.checkpoints import load_tokenizer
         self.tokenizer = load_tokenizer(self.base_dir)
+        from tokenclean.checkpoints import model_fingerprint
+        from tokenclean.data import tokenizer_fingerprint
+        self.base_fp, self.tokenizer_fp = model_fingerprint(self.base_dir), tokenizer_fingerprint(self.tokenizer)
 
         def tok(records):
             t = tokenize(records, self.tokenizer, d.max_length, d.template)
@@ -311,13 +315,20 @@ class Pipeline:
                         keep_adapter=self.cfg.model.lora.enabled)
 
     def _save_ragged(self, r: Ragged, rel: str, **meta) -> None:
+        """Per-token arrays carry the fingerprints of the data and tokenizer (and, for base losses, of the base
+        model) they were computed from; `_load_ragged` refuses an array whose fingerprints differ."""
         if self.acc.is_main_process:
-            r.save(self.run_dir / rel, {"data_fingerprint": self.manifest.data["data_fingerprint"], **meta})
+            r.save(self.run_dir / rel, {**self._meta(rel), **meta})
         self.acc.wait_for_everyone()
 
     def _load_ragged(self, rel: str) -> Ragged:
-        return Ragged.load(self.run_dir / rel, {"data_fingerprint": self.manifest.data["data_fingerprint"]},
-                           mmap=False)
+        return Ragged.load(self.run_dir / rel, self._meta(rel), mmap=False)
+
+    def _meta(self, rel: str) -> dict:
+        meta = {"data_fingerprint": self.manifest.data["data_fingerprint"], "tokenizer_fingerprint": self.tokenizer_fp}
+        if rel.endswith(("losses/base", "base_losses")):
+            meta["model_fingerprint"] = self.base_fp
+        return meta
 
     def _round_metrics(self, round: int, scores: Ragged | None, keep: Ragged, target: Ragged, **extra) -> dict:
         m = selection.summary(keep, target)
