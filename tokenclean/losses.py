@@ -25,6 +25,11 @@ class TokenLoss(nn.Module):
         self.lm = lm
         self.chunk_size = chunk_size
 
+    @property
+    def config(self):
+        """The LM's config: accelerate reads config.hidden_size to fill DeepSpeed's "auto" bucket sizes."""
+        return self.causal_lm().config
+
     def causal_lm(self) -> nn.Module:
         """The transformers CausalLM inside (under a peft wrapper, its LoRA layers are injected in place)."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
