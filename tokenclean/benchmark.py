@@ -60,7 +60,9 @@ MEMORISED = [
     "To be, or not to be, that is the question.",
     "Twinkle, twinkle, little star, how I wonder what you are.",
 ]
-MODELS = {"smollm2": "builtin:smollm2-135m-instruct", "tiny": "builtin:tiny"}
+# --model NAME -> the conf/model preset it uses; tiny-chitchat is the tiny model pretrained on chitchat first (a base
+# that knows some English, so that "what the base already knows" means something; built once, cached)
+MODELS = {"smollm2": "smollm2", "tiny": "tiny", "tiny-chitchat": "tiny"}
 
 
 @dataclass
@@ -247,6 +249,36 @@ def detection_metrics(noise: np.ndarray | None, dropped: np.ndarray, truth: np.n
 # the detection benchmark
 
 
+def tiny_chitchat(steps: int = 600) -> str:
+    """The tiny model after `steps` optimiser steps of language modelling on chitchat (every token of the
+    conversations, 16 x 256 tokens per step), built once into the tokenclean cache."""
+    from tokenclean.assets import _cached, resolve_model
+
+    def build(out: Path) -> None:
+        import torch
+        from accelerate import Accelerator
+
+        from tokenclean.checkpoints import load_tokenizer
+        from tokenclean.config import ModelConfig, TrainingConfig
+        from tokenclean.checkpoints import load_model
+        from tokenclean.data import read_records, tokenize
+        from tokenclean.train import train
+        src = resolve_model("builtin:tiny")
+        tok = load_tokenizer(src)
+        records, _ = read_records("builtin:chitchat")
+        t = tokenize(records, tok, 256)
+        every = t.input_ids.like(np.ones(len(t.input_ids.values), bool))
+        every.values[t.input_ids.offsets[:-1]] = False
+        lm = load_model(src, ModelConfig(name_or_path=src), 0)
+        cfg = TrainingConfig(lr=3e-3, batch_size=16, micro_batch_size=16, max_steps=steps, mixed_precision="no",
+                             warmup_ratio=0.05, schedule="cosine")
+        torch.manual_seed(0)
+        train(Accelerator(cpu=True), lm, t.input_ids, every, cfg, seed=0, pad_id=tok.pad_token_id, desc="pretrain")
+        lm.save_pretrained(out)
+        tok.save_pretrained(out)
+    return _cached(f"tiny-chitchat-{steps}-v1", build)
+
+
 def _compose(model: str, overrides=()):
     import tokenclean.__main__  # noqa: F401  registers the model_tag resolver
     from hydra import compose, initialize_config_dir
@@ -254,8 +286,9 @@ def _compose(model: str, overrides=()):
 
     from tokenclean.__main__ import _conf_dir
     from tokenclean.config import validate
+    extra = [f"model.name_or_path={tiny_chitchat()}"] if model == "tiny-chitchat" else []
     with initialize_config_dir(config_dir=_conf_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model}", "tracking=none", *overrides])
+        cfg = compose("config", overrides=[f"model={MODELS[model]}", "tracking=none", *extra, *overrides])
     typed = OmegaConf.to_object(cfg)
     validate(typed)
     return typed, OmegaConf.to_container(cfg, resolve=True)
