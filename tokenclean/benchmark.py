@@ -395,11 +395,14 @@ def detect(model: str = "tiny", source: str = "builtin:chatterbot", n_train: int
     x = cfg.scorer.xtf
     attrs = scorers.xtf(acc, D["base_dir"], cfg.model, x, T.input_ids, target, base, tok, bs, pad, seed)
     timings["xtf attributes"] = time.perf_counter() - t0
-    add("xtf (union KN|RI|TR)", (~attrs["keep"].values).astype(float), attrs["keep"].values,
+    add("xtf (union KN/RI/TR)", (~attrs["keep"].values).astype(float), attrs["keep"].values,
         "XTF's own ratio; AUC of the binary decision")
     add("xtf KN only", -attrs["kn"].values, ~attrs["kn_noise"].values, "1 - p_base; noise if < 0.05")
     add("xtf RI only", -attrs["ri"].values, ~attrs["ri_noise"].values, "attention received; IQR rule per sample")
     add("xtf TR only", -attrs["tr"].values, ~attrs["tr_noise"].values, "embedding relevance; 2nd Multi-Otsu class")
+    low = scorers.xtf_rules(attrs["kn"], attrs["ri"], attrs["tr"], target, replace(x, tr_noise_classes=[0]))
+    add("xtf (union, TR noise = lowest class)", (~low["keep"].values).astype(float), low["keep"].values,
+        "scorer.xtf.tr_noise_classes=[0] instead of the paper's second-lowest class")
 
     for kind, cached in (("rho", ref), ("self_online", base)):
         s = cfg.selection
