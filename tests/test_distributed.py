@@ -1,0 +1,212 @@
+"""Real multi-process runs: 2 processes over gloo on this CPU, started with the real CLI
+(`accelerate launch --config_file launch/<config>.yaml -m tokenclean ...`), each checked against the same run on one
+process: identical keep masks every round, the same weights after every round, the same held-out losses.
+
+The job is a whole self-evolving run (3 rounds) of the tiny model on 136 chatterbot examples, with
+training.micro_batch_size=2 (gradient accumulation; in the uneven last step of a round one rank gets an empty
+micro-batch) and training.loss_chunk_size=64 (several LM-head chunks per forward, unevenly many on the two ranks).
+
+Tolerance. Everything is fp32 on CPU. Two processes compute the same sums in another order (per-rank partial sums,
+then an all-reduce), so the weights differ by rounding, which AdamW amplifies only for weights whose gradient is
+near zero (it divides by |g|). Measured over 3 rounds: per-tensor relative Frobenius difference <= 1e-5, largest
+element difference <= 4e-5 (lr 2e-3). We allow 1e-4 relative and 1e-3 absolute (half of one AdamW step): a real bug
+(a dropped or repeated micro-batch, a wrong loss normalisation, an extra optimiser step) moves weights by O(lr);
+DeepSpeed stepping on every micro-batch, for instance, gave 0.17 relative and 1.4e-2 absolute. Keep masks must be
+equal exactly (the scores differ by <= 5e-6 and no two scores sit that close to the threshold in this data).
+
+Timing on 2 busy cores: see results/distributed.md. The first DeepSpeed start on a new machine compiles its shm
+comm op (~40 s, cached in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+ROUNDS = 3
+JOB = ["model=tiny", "tracking=none", "pipeline=self_evolving", f"pipeline.chunks={ROUNDS}", "data.limit=200",
+       "training.micro_batch_size=2", "training.loss_chunk_size=64"]
+RTOL_FRO, ATOL_MAX = 1e-4, 1e-3
+
+
+def _free_port() -> int:
+    # other test sessions may run DDP on this machine at the same time: never the default 29500
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def dist_env(tmp_path_factory):
+    """Environment for the launched processes: the tiny model built once per session into a private cache."""
+    cache = tmp_path_factory.mktemp("tokenclean-cache")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("ACCELERATE_")}
+    env.update(TOKENCLEAN_CACHE=str(cache), WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1", TOKENCLEAN_TIMEOUT="120")  # a hang fails in 2 min
+    subprocess.run([sys.executable, "-c", "from tokenclean.assets import resolve_model; resolve_model('builtin:tiny')"],
+                   env=env, check=True, timeout=300, cwd=ROOT)
+    assert (cache / "tiny-llama-v1" / "model.safetensors").is_file()
+    return env
+
+
+def launch(env, cwd: Path, args: list[str], config: str | None = None, launcher_args=(), script=None,
+           timeout: int = 600, extra_env=None):
+    """`accelerate launch [--config_file launch/<config>] [launcher_args] -m tokenclean <args>`; returns
+    (returncode, output, seconds)."""
+    cmd = [ACCELERATE, "launch"]
+    if config:
+        cmd += ["--config_file", str(LAUNCH / config)]
+    cmd += [*launcher_args, "--main_process_port", str(_free_port())]
+    cmd += [script] if script else ["-m", "tokenclean"]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd + args, cwd=cwd, env={**env, **(extra_env or {})}, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return p.returncode, p.stdout, time.perf_counter() - t0
+
+
+def run_ok(env, cwd, args, **kw) -> float:
+    rc, out, seconds = launch(env, cwd, args, **kw)
+    assert rc == 0, f"exit {rc}:\n{_tail(out)}"
+    return seconds
+
+
+def _tail(out: str, n: int = 60) -> str:
+    lines = [ln for ln in out.splitlines() if "it/s]" not in ln and "step/s" not in ln and "batch/s" not in ln]
+    return "\n".join(lines[-n:])
+
+
+def _weights(run: Path, t: int) -> dict:
+    from safetensors.torch import load_file
+    return load_file(run / f"round_{t}" / "model" / "model.safetensors")
+
+
+def assert_same_run(ref: Path, run: Path) -> None:
+    """The run at `run` (N processes) equals the one at `ref` (1 process)."""
+    s_ref, s_run = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
+    assert len(s_run["rounds"]) == ROUNDS
+    for r_ref, r_run in zip(s_ref["rounds"], s_run["rounds"]):
+        assert (r_run["tokens_target"], r_run["tokens_kept"]) == (r_ref["tokens_target"], r_ref["tokens_kept"])
+        assert r_run["eval_loss"] == pytest.approx(r_ref["eval_loss"], rel=1e-5)
+    assert s_run["eval_loss_before"] == pytest.approx(s_ref["eval_loss_before"], rel=1e-5)
+    for t in range(1, ROUNDS):
+        keep_ref = np.load(ref / f"round_{t}" / "keep.values.npy")
+        keep_run = np.load(run / f"round_{t}" / "keep.values.npy")
+        target = np.load(ref / f"round_{t}" / "base_losses.values.npy")
+        assert 0 < keep_ref.sum() < np.count_nonzero(~np.isnan(target))   # the round really dropped tokens
+        np.testing.assert_array_equal(keep_run, keep_ref, err_msg=f"round {t} keep mask")
+        np.testing.assert_allclose(np.load(run / f"round_{t}" / "scores.values.npy"),
+                                   np.load(ref / f"round_{t}" / "scores.values.npy"), atol=1e-4, rtol=0)
+    for t in range(ROUNDS):
+        w_ref, w_run = _weights(ref, t), _weights(run, t)
+        assert w_run.keys() == w_ref.keys()
+        for k in w_ref:
+            diff = (w_run[k] - w_ref[k]).abs()
+            assert diff.norm() <= RTOL_FRO * w_ref[k].norm(), (t, k, (diff.norm() / w_ref[k].norm()).item())
+            assert diff.max() <= ATOL_MAX, (t, k, diff.max().item())
+    # every stage done once, the final link in place; no temporary directory left behind by any rank
+    m_ref, m_run = (json.loads((d / "manifest.json").read_text()) for d in (ref, run))
+    assert m_run["stages"].keys() == m_ref["stages"].keys()
+    assert (run / "final").resolve() == (run / f"round_{ROUNDS - 1}" / "model").resolve()
+    assert not list(run.rglob("*.tmp*"))
+    # metrics.jsonl is rank 0's alone: one eval record per round (two ranks writing would double them)
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/loss" in r]
+    assert sorted(r.get("stage") for r in evals) == sorted(["base"] + [f"round_{t}" for t in range(ROUNDS)])
+
+
+@pytest.fixture(scope="module")
+def reference(dist_env, tmp_path_factory):
+    """The job on one process (accelerate launch with launch/single.yaml)."""
+    cwd = tmp_path_factory.mktemp("one")
+    seconds = run_ok(dist_env, cwd, [*JOB, f"hydra.run.dir={cwd / 'run'}"], config="single.yaml")
+    print(f"\n1 process: {seconds:.1f} s")
+    return cwd / "run"
+
+
+def test_ddp_two_processes_equal_one(dist_env, reference, tmp_path):
+    # no hydra.run.dir: both ranks must agree on the default runs/<name> under the working directory
+    seconds = run_ok(dist_env, tmp_path, [*JOB, "name=ddp2"], config="ddp.yaml", launcher_args=["--num_processes", "2"])
+    print(f"\nDDP 2 processes: {seconds:.1f} s")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]            # no outputs/, multirun/, wandb/
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp2"]
+    run = tmp_path / "runs" / "ddp2"
+    assert (run / "config.yaml").is_file()
+    assert_same_run(reference, run)
+
+
+def test_zero2_two_processes_equal_one(dist_env, reference, tmp_path):
+    seconds = run_ok(dist_env, tmp_path, [*JOB, f"hydra.run.dir={tmp_path / 'run'}"], config="zero2.yaml",
+                     launcher_args=["--num_processes", "2"])
+    print(f"\nZeRO-2 2 processes: {seconds:.1f} s")
+    assert_same_run(reference, tmp_path / "run")
+
+
+def test_zero3_two_processes_equal_one_and_checkpoints_reload(dist_env, reference, tmp_path):
+    # launch/deepspeed/zero3.json fills the persistence threshold with 10 x hidden_size = 640 elements, so every
+    # weight matrix of the tiny model is really sharded (with accelerate's yaml default of 1e5 none would be)
+    seconds = run_ok(dist_env, tmp_path, [*JOB, f"hydra.run.dir={tmp_path / 'run'}"], config="zero3_json.yaml",
+                     launcher_args=["--num_processes", "2",
+                                    "--deepspeed_config_file", str(LAUNCH / "deepspeed" / "zero3.json")])
+    print(f"\nZeRO-3 2 processes: {seconds:.1f} s")
+    run = tmp_path / "run"
+    assert_same_run(reference, run)
+
+    # the checkpoints ZeRO-3 wrote are whole, plain HF models
+    from transformers import AutoModelForCausalLM
+    for t in range(ROUNDS):
+        f = run / f"round_{t}" / "model" / "model.safetensors"
+        assert f.stat().st_size >= 0.99 * (reference / f"round_{t}" / "model" / "model.safetensors").stat().st_size
+    got, info = AutoModelForCausalLM.from_pretrained(run / "final", output_loading_info=True)
+    want = AutoModelForCausalLM.from_pretrained(reference / "final")
+    assert not any(info.values()), info                     # no missing, unexpected or mismatched tensors
+    sd_got, sd_want = got.state_dict(), want.state_dict()
+    assert sd_got.keys() == sd_want.keys()
+    for k, w in sd_want.items():
+        assert sd_got[k].shape == w.shape and w.numel() > 0
+        assert (sd_got[k] - w).norm() <= RTOL_FRO * w.norm(), k
+    # and computes the same losses
+    ids = torch.tensor([[1, 5, 17, 42, 99, 300, 7, 2]])
+    torch.testing.assert_close(got(ids).logits, want(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------- failure
+FAIL_SCRIPT = str(ROOT / "tests" / "dist" / "fail_rank.py")
+
+
+def test_a_failing_rank_fails_the_whole_run_at_once(dist_env, tmp_path):
+    """Rank 1 raises as it starts round 1 while rank 0 trains: the launcher must exit non-zero with rank 1's error,
+    long before the collective timeout (set to 600 s here, so that it cannot be what ended the run)."""
+    rc, out, seconds = launch(dist_env, tmp_path, ["raise", "round_1", *JOB, f"hydra.run.dir={tmp_path / 'run'}"],
+                              launcher_args=["--multi_gpu", "--num_processes", "2"], script=FAIL_SCRIPT,
+                              timeout=240, extra_env={"TOKENCLEAN_TIMEOUT": "600"})
+    print(f"\nfailing rank: exit {rc} after {seconds:.1f} s")
+    assert rc != 0
+    assert "RuntimeError: injected failure on rank 1 at round_1" in out, _tail(out)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert "round_0" in manifest["stages"] and "round_1" not in manifest["stages"]
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_stalled_rank_fails_the_run_after_tokenclean_timeout(dist_env, tmp_path):
+    """Rank 1 stops answering (sleeps) as round 1 starts: rank 0 waits in a collective for TOKENCLEAN_TIMEOUT
+    seconds, then fails with a timeout error, and the launcher takes rank 1 down with it."""
+    rc, out, seconds = launch(dist_env, tmp_path, ["stall", "round_1", *JOB, f"hydra.run.dir={tmp_path / 'run'}"],
+                              launcher_args=["--multi_gpu", "--num_processes", "2"], script=FAIL_SCRIPT,
+                              timeout=240, extra_env={"TOKENCLEAN_TIMEOUT": "20"})
+    print(f"\nstalled rank: exit {rc} after {seconds:.1f} s")
+    assert rc != 0
+    assert "rank 1: injected stall at round_1" in out
+    assert re.search(r"Timed out waiting 20000ms", out), _tail(out)
+    assert not (tmp_path / "run" / "summary.json").exists()
