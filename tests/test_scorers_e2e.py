@@ -7,7 +7,7 @@ import pytest
 
 from tests.cli import load_array, run_cli, stages
 
-TINY = ["model=tiny", "tracking=none", "data.limit=96", "data.eval_size=16", "data.max_length=64"]
+TINY = ["model=tiny", "tracking=none", "data.limit=64", "data.eval_size=8", "data.max_length=48"]
 
 
 def planned_steps(run_dir, n, stage):
@@ -103,6 +103,7 @@ def test_self_online_in_self_evolving_rounds(tmp_path):
     assert not np.isnan(scores.values[target.values]).any()
 
 
+@pytest.mark.slow   # the same run as test_cli's influence run with selection=sample, whose rule test_selection pins
 def test_offline_rho_is_influence_ranked_within_samples(tmp_path):
     # the reference code's offline "rho" baseline: influence scores ranked within each sample
     run2 = tmp_path / "rho_offline"

@@ -532,8 +532,9 @@ def write_jsonl(records, path: Path) -> None:
 def downstream(model: str = "tiny", source: str = "builtin:chatterbot", n_train: int = 300, n_warmup: int = 100,
                n_eval: int = 100, data_seed: int = 0, seeds=(41, 42, 43), keep_ratio: float = 0.6,
                max_length: int = 128, methods=None, extra=(), work: str = "runs/benchmark", out: str | None = None,
-               command: str = "", keep_runs: bool = False) -> list[dict]:
-    """Train with every method on the same noisy data and seed list; held-out loss on clean eval responses."""
+               command: str = "", keep_runs: bool = False, append: bool = False) -> list[dict]:
+    """Train with every method on the same noisy data and seed list; held-out loss on clean eval responses.
+    append: add to the rows already in out.json (same data settings), replacing (method, seed) pairs run again."""
     from tokenclean.pipeline import Pipeline
     t_all = time.perf_counter()
     D = build_data(model, source, n_train, n_warmup, n_eval, data_seed, max_length)
@@ -546,10 +547,16 @@ def downstream(model: str = "tiny", source: str = "builtin:chatterbot", n_train:
     base = ["data=file", f"data.train={files['train']}", f"data.warmup={files['warmup']}",
             f"data.eval={files['eval']}", f"data.max_length={max_length}", f"selection.keep_ratio={keep_ratio}",
             "pipeline.chunks=3", *extra]
-    rows = []
+    rows, commands = [], [command]
+    prior = Path(out).with_suffix(".json") if out else None
+    if append and prior is not None and prior.exists():
+        old = json.loads(prior.read_text())
+        if old["meta"]["n_train"] != len(D["T"].input_ids) or old["meta"]["model"] != model:
+            raise ValueError(f"--append: {prior} was made with other data settings")
+        rows, commands = old["rows"], old["meta"]["commands"] + [command]
     names = list(methods or METHODS)
     for seed in seeds:
-        xtf_ratio = None
+        xtf_ratio = next((r["kept_ratio"] for r in rows if r["method"] == "xtf" and r["seed"] == seed), None)
         for name in names:
             ov = list(METHODS[name])
             if name == "random @ xtf ratio":
@@ -566,7 +573,7 @@ def downstream(model: str = "tiny", source: str = "builtin:chatterbot", n_train:
                    "seconds": round(time.perf_counter() - t0, 1)}
             if name == "xtf":
                 xtf_ratio = summary["kept_ratio"]
-            rows.append(row)
+            rows = [r for r in rows if (r["method"], r["seed"]) != (name, seed)] + [row]
             log.info("downstream %s seed %d: eval loss %.4f (kept %.3f, %.0fs)", name, seed, row["eval_loss"],
                      row["kept_ratio"], row["seconds"])
             if not keep_runs:   # the checkpoints are large; the summaries stay
@@ -580,7 +587,7 @@ def downstream(model: str = "tiny", source: str = "builtin:chatterbot", n_train:
                                              "n_warmup": n_warmup, "n_eval": n_eval, "seeds": list(seeds),
                                              "keep_ratio": keep_ratio, "max_length": max_length,
                                              "tokens": _kind_counts(D["truth"], D["T"].target_mask),
-                                             "seconds": round(time.perf_counter() - t_all, 1), "command": command,
+                                             "seconds": round(time.perf_counter() - t_all, 1), "commands": commands,
                                              "extra": list(extra), "cfg_training": {
                                                  "lr": cfg.training.lr, "batch_size": cfg.training.batch_size,
                                                  "epochs": cfg.training.epochs,
@@ -609,11 +616,14 @@ def write_downstream(rows: list[dict], out: str, meta: dict) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()
         w.writerows(rows)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    order = list(METHODS)
+    rows = sorted(rows, key=lambda r: (order.index(r["method"]) if r["method"] in order else 99, r["seed"]))
     S = summarise(rows)
     full = next((s for s in S if s["method"] == "full"), None)
     tk = meta["tokens"]
     lines = [f"# Downstream comparison ({meta['model']})", "", "Made by:", "", "```",
-             meta["command"] or "python -m tokenclean.benchmark downstream", "```", "",
+             *meta["commands"], "```", "",
              f"Every method fine-tunes the base on the same noisy training set ({meta['n_train']} `{meta['source']}` "
              f"examples, injected tokens of the detection benchmark: "
              + ", ".join(f"{k} {tk[k]:,}" for k in KINDS) + " response tokens); references (fixed, rho) learn from "
@@ -621,7 +631,8 @@ def write_downstream(rows: list[dict], out: str, meta: dict) -> None:
              f"of {meta['n_eval']} clean held-out examples. Keep ratio {meta['keep_ratio']} (XTF: its own ratio, "
              "with a random baseline at that same ratio as its matched control); self-evolving uses 3 chunks. "
              f"Seeds {meta['seeds']} (training order, random selection, chunking); mean ± sample std over seeds. "
-             f"Training: {meta['cfg_training']}; extra overrides {meta['extra']}. Wall time {meta['seconds']:.0f} s.",
+             f"Training: {meta['cfg_training']}; extra overrides {meta['extra']}. Wall time of the last command "
+             f"{meta['seconds']:.0f} s.",
              "", f"Held-out loss of the base before fine-tuning: {_fmt(S[0]['eval_loss_base'])}.", "",
              "| method | kept ratio | held-out loss (mean ± std) | vs full | runs | s/run |", "|---|---|---|---|---|---|"]
     for s in S:
@@ -682,6 +693,7 @@ def main(argv=None) -> None:
             p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), metavar="METHOD")
             p.add_argument("--work", default="runs/benchmark")
             p.add_argument("--keep-runs", action="store_true")
+            p.add_argument("--append", action="store_true", help="add to the rows of an earlier --out run")
             p.add_argument("overrides", nargs="*", help="extra tokenclean overrides, e.g. training.max_steps=20")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -694,7 +706,7 @@ def main(argv=None) -> None:
                not a.no_self_evolving_ref, command)
     else:
         downstream(a.model, a.source, a.n_train, a.n_warmup, a.n_eval, a.data_seed, a.seeds, a.keep_ratio,
-                   a.max_length, a.methods, a.overrides, a.work, a.out, command, a.keep_runs)
+                   a.max_length, a.methods, a.overrides, a.work, a.out, command, a.keep_runs, a.append)
     if a.out:
         print(Path(a.out).with_suffix(".md").read_text())
 
