@@ -210,3 +210,55 @@ def test_a_stalled_rank_fails_the_run_after_tokenclean_timeout(dist_env, tmp_pat
     assert "rank 1: injected stall at round_1" in out
     assert re.search(r"Timed out waiting 20000ms", out), _tail(out)
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- slow: other launch files
+@pytest.mark.slow
+def test_slurm_script_two_nodes_multinode_yaml(dist_env, reference, tmp_path):
+    """launch/slurm.sh with launch/multinode.yaml (ZeRO-3, accelerate's yaml fields), as SLURM would run it on 2 nodes
+    of 1 process each: stand-ins for srun/scontrol start both "nodes" on this machine, each with its own
+    SLURM_NODEID, so the two accelerate launchers meet through the real multi-machine rendezvous."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(
+        "#!/bin/bash\nwhile [[ \"$1\" == --* ]]; do shift; done\npids=()\n"
+        "for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i \"$@\" & pids+=($!); done\n"
+        "rc=0; for p in \"${pids[@]}\"; do wait \"$p\" || rc=$?; done; exit $rc\n")
+    (fake / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = {**dist_env, "PATH": f"{fake}:{dist_env['PATH']}", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]",
+           "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(tmp_path), "GPUS_PER_NODE": "1",
+           "MAIN_PORT": str(_free_port()), "ACCELERATE": ACCELERATE,
+           "ACCELERATE_CONFIG": str(LAUNCH / "multinode.yaml")}
+    t0 = time.perf_counter()
+    p = subprocess.run(["bash", str(LAUNCH / "slurm.sh"), *JOB, "name=slurm"], cwd=tmp_path, env=env, text=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    print(f"\nslurm.sh, 2 nodes x 1 process, ZeRO-3: {time.perf_counter() - t0:.1f} s")
+    assert p.returncode == 0, _tail(p.stdout)
+    assert "2 nodes x 1 processes" in p.stdout
+    assert_same_run(reference, tmp_path / "runs" / "slurm")
+
+
+@pytest.mark.slow
+def test_zero3_offload_two_processes_equal_one(dist_env, reference, tmp_path):
+    """launch/zero3_offload.yaml: accelerate swaps our AdamW for DeepSpeed's CPU Adam (compiled on first use, 1-3
+    min, cached); the learning-rate schedule still drives it (they share the parameter groups)."""
+    seconds = run_ok(dist_env, tmp_path, [*JOB, f"hydra.run.dir={tmp_path / 'run'}"], config="zero3_offload.yaml",
+                     launcher_args=["--num_processes", "2"])
+    print(f"\nZeRO-3 offload 2 processes: {seconds:.1f} s")
+    assert_same_run(reference, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_lora_under_zero3_yaml_equals_one_process(dist_env, tmp_path):
+    """LoRA with launch/zero3.yaml: every round's checkpoint merges the adapter on a whole copy of the model built on
+    rank 0 alone (outside zero.Init). LoRA dropout is 0: dropout masks come from each rank's own random stream, so
+    with dropout the runs differ by design, not by a bug."""
+    job = [*JOB, "model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0"]
+    one = run_ok(dist_env, tmp_path, [*job, f"hydra.run.dir={tmp_path / 'one'}"], config="single.yaml")
+    two = run_ok(dist_env, tmp_path, [*job, f"hydra.run.dir={tmp_path / 'two'}"], config="zero3.yaml",
+                 launcher_args=["--num_processes", "2"])
+    print(f"\nLoRA: 1 process {one:.1f} s, ZeRO-3 2 processes {two:.1f} s")
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert not [k for k in _weights(tmp_path / "two", ROUNDS - 1) if "lora" in k]   # merged: a plain model
