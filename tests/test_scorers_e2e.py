@@ -124,3 +124,24 @@ def test_scorer_config_errors_name_the_override(tmp_path):
     proc = run_cli(["model=tiny", "tracking=none", "scorer=rho", "scorer.online_scope=micro", "selection=threshold"],
                    tmp_path / "r2", check=False)
     assert proc.returncode == 2 and "scorer.online_scope='micro'" in proc.stderr
+
+
+@pytest.mark.slow   # two processes (gloo): about a minute on 2 CPU cores
+def test_online_step_scope_is_world_size_invariant(tmp_path):
+    """rho with online_scope=step on 1 process (the step is its one forward) and on 2 (a no-grad pre-pass per step,
+    ranks combined by an all-reduce): the same kept tokens and, up to float summation order, the same weights."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from tests.cli import weights
+    args = [*TINY, "scorer=rho", "training.max_grad_norm=0"]
+    run_cli(args, tmp_path / "one")
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    run_cli(["--nproc_per_node", "2", "-m", "tokenclean", *args], tmp_path / "two", script=torchrun)
+    assert stages(tmp_path / "one")["final"]["online_prepasses"] == 0
+    assert stages(tmp_path / "two")["final"]["online_prepasses"] > 0
+    k1, k2 = load_array(tmp_path / "one/keep"), load_array(tmp_path / "two/keep")
+    assert np.array_equal(k1.values, k2.values) and k1.values.any()
+    w1, w2 = weights(tmp_path / "one/final"), weights(tmp_path / "two/final")
+    assert max(float(np.abs(w1[k] - w2[k]).max()) for k in w1) < 1e-4
