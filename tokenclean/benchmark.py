@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -700,7 +701,7 @@ def main(argv=None) -> None:
                         datefmt="%H:%M:%S", force=True)
     for noisy in ("httpx", "urllib3", "filelock", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    command = "python -m tokenclean.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m tokenclean.benchmark " + shlex.join(argv if argv is not None else sys.argv[1:])
     if a.cmd == "detect":
         detect(a.model, a.source, a.n_train, a.n_warmup, 0, a.data_seed, a.seed, a.keep_ratio, a.max_length, a.out,
                not a.no_self_evolving_ref, command)
