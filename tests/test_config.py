@@ -26,7 +26,8 @@ def test_default_config_is_the_builtin_job():
     assert cfg.model.name_or_path == "builtin:smollm2-135m-instruct"
     assert cfg.data.train == "builtin:chatterbot" and cfg.pipeline.name == "fixed"
     assert cfg.selection.method == "global" and cfg.selection.keep_ratio == 0.6
-    assert cfg.name == "fixed-smollm2-135m-instruct"
+    assert cfg.name == "fixed-influence-global-smollm2-135m-instruct"
+    assert typed("model=tiny", "selection=random").name == "fixed-influence-random-tiny"
 
 
 def test_model_preset_sets_what_suits_it_and_overrides_win():
