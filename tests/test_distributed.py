@@ -200,15 +200,15 @@ def test_a_failing_rank_fails_the_whole_run_at_once(dist_env, tmp_path):
 
 
 def test_a_stalled_rank_fails_the_run_after_tokenclean_timeout(dist_env, tmp_path):
-    """Rank 1 stops answering (sleeps) as round 1 starts: rank 0 waits in a collective for TOKENCLEAN_TIMEOUT
-    seconds, then fails with a timeout error, and the launcher takes rank 1 down with it."""
-    rc, out, seconds = launch(dist_env, tmp_path, ["stall", "round_1", *JOB, f"hydra.run.dir={tmp_path / 'run'}"],
+    """Rank 1 stops answering (sleeps) as round 0's training starts: rank 0 waits in a collective for
+    TOKENCLEAN_TIMEOUT seconds, then fails with a timeout error, and the launcher takes rank 1 down with it."""
+    rc, out, seconds = launch(dist_env, tmp_path, ["stall", "round_0", *JOB, f"hydra.run.dir={tmp_path / 'run'}"],
                               launcher_args=["--multi_gpu", "--num_processes", "2"], script=FAIL_SCRIPT,
-                              timeout=240, extra_env={"TOKENCLEAN_TIMEOUT": "20"})
+                              timeout=240, extra_env={"TOKENCLEAN_TIMEOUT": "15"})
     print(f"\nstalled rank: exit {rc} after {seconds:.1f} s")
     assert rc != 0
-    assert "rank 1: injected stall at round_1" in out
-    assert re.search(r"Timed out waiting 20000ms", out), _tail(out)
+    assert "rank 1: injected stall at round_0" in out
+    assert re.search(r"Timed out waiting 15000ms", out), _tail(out)
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
