@@ -4,7 +4,7 @@
   tokenclean model=tiny                        # the same job on a tiny model built from a config (< 1 min)
   tokenclean pipeline=self_evolving selection.keep_ratio=0.6
   tokenclean -m selection.keep_ratio=0.4,0.6,0.8          # a Hydra sweep, one run directory per point
-  accelerate launch --config_file launch/ddp.yaml -m tokenclean model=local model.name_or_path=/models/llama
+  accelerate launch --config_file launch/ddp.yaml --num_processes 8 -m tokenclean model=local model.name_or_path=/models/llama
 """
 from __future__ import annotations
 

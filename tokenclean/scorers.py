@@ -481,9 +481,10 @@ def xtf(accelerator, base_path: str, mcfg, xcfg, input_ids: Ragged, target: Ragg
     kn_noise, ri_noise, tr_noise, keep (bool) and base_losses, all aligned with target."""
     from dataclasses import replace
 
-    from tokenclean.checkpoints import load_model
+    from tokenclean.checkpoints import _not_sharded, load_model
     from tokenclean.losses import TokenLoss, token_losses
-    lm = load_model(base_path, replace(mcfg, attn_implementation="eager"), seed, lora=False)
+    with _not_sharded(accelerator):   # a whole copy per rank: under ZeRO-3 it would be built sharded, and break
+        lm = load_model(base_path, replace(mcfg, attn_implementation="eager"), seed, lora=False)
     lm.to(accelerator.device)
     if base_losses is None:
         base_losses = token_losses(accelerator, TokenLoss(lm), input_ids, target, batch_size, pad_id, "base losses")
