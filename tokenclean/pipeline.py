@@ -134,7 +134,8 @@ def _bf16_supported() -> bool:
 class Pipeline:
     def __init__(self, cfg: Config, run_dir: Path, config_dict: dict):
         from tokenclean.assets import resolve_model
-        from tokenclean.data import read_records, tokenize
+        from tokenclean.checkpoints import load_tokenizer, model_fingerprint
+        from tokenclean.data import read_records, split_indices, tokenize, tokenizer_fingerprint
 
         self.cfg, self.run_dir = cfg, Path(run_dir)
         d = cfg.data
@@ -154,10 +155,7 @@ class Pipeline:
         # rank calls it; a file lock in the cache lets one process per machine build while the others wait.
         self.base_dir = resolve_model(cfg.model.name_or_path)
         self.acc = make_accelerator(cfg)
-        from tokenclean.checkpoints import load_tokenizer
         self.tokenizer = load_tokenizer(self.base_dir)
-        from tokenclean.checkpoints import model_fingerprint
-        from tokenclean.data import tokenizer_fingerprint
         self.base_fp, self.tokenizer_fp = model_fingerprint(self.base_dir), tokenizer_fingerprint(self.tokenizer)
 
         def tok(records):
@@ -169,12 +167,10 @@ class Pipeline:
 
         self.truncation = {"examples": 0, "target_tokens": 0, "dropped_examples": 0}
         pool = tok(train_records)
-        rng_seed = cfg.seed
-        from tokenclean.data import split_indices
         if eval_records is not None:
             self.eval = tok(eval_records)
         elif d.eval_size > 0:
-            taken, rest = split_indices(len(pool), d.eval_size, rng_seed)
+            taken, rest = split_indices(len(pool), d.eval_size, cfg.seed)
             self.eval, pool = pool.subset(taken), pool.subset(rest)
         else:
             self.eval = None
@@ -183,7 +179,7 @@ class Pipeline:
             if warmup_records is not None:
                 self.warmup = tok(warmup_records)
             else:  # the reference learns from records the cleaned model is not trained on (disjoint sets)
-                taken, rest = split_indices(len(pool), d.warmup_fraction, rng_seed + 1)
+                taken, rest = split_indices(len(pool), d.warmup_fraction, cfg.seed + 1)
                 self.warmup, pool = pool.subset(taken), pool.subset(rest)
         self.train = pool
         if len(self.train) == 0:
