@@ -110,27 +110,31 @@ def length_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def rank_batches(accelerator, lengths: np.ndarray, batch_size: int, desc: str):
+    """This rank's share of the length-grouped batches, as (example indices, real). Batches are dealt round-robin,
+    and every rank gets the same number: a rank with nothing left gets a one-example batch with real=False, to run
+    and discard, since ZeRO-3 needs every rank to run the same forward passes."""
+    batches = length_batches(lengths, batch_size)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps = math.ceil(len(batches) / world)
+    for step in tqdm(range(steps), desc=desc, disable=not accelerator.is_local_main_process, unit="batch"):
+        b = step * world + rank
+        yield (batches[b], True) if b < len(batches) else (batches[0][:1], False)
+
+
 @torch.no_grad()
 def token_losses(accelerator, model: nn.Module, input_ids: Ragged, target: Ragged, batch_size: int,
                  pad_id: int, desc: str = "losses") -> Ragged:
     """Per-token losses of `model` (a prepared TokenLoss) on every target position; NaN elsewhere.
-
-    Batches are dealt round-robin to the ranks, and every rank runs the same number of forward passes (a rank
-    with nothing left repeats a batch and discards it), which ZeRO-3 requires. Results are gathered on all ranks."""
-    batches = length_batches(input_ids.lengths, batch_size)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    steps = math.ceil(len(batches) / world)
+    Every rank runs the same number of forward passes (rank_batches); results are gathered on all ranks."""
     was_training = model.training
     model.eval()
     mine = []
-    bar = tqdm(range(steps), desc=desc, disable=not accelerator.is_local_main_process, unit="batch")
-    for step in bar:
-        b = step * world + rank
-        idx = batches[b] if b < len(batches) else batches[0][:1]
+    for idx, real in rank_batches(accelerator, input_ids.lengths, batch_size, desc):
         batch = {k: v.to(accelerator.device) for k, v in collate(input_ids, target, idx, pad_id).items()}
         with accelerator.autocast():
             losses = model(**batch).float().cpu().numpy()
-        if b >= len(batches):
+        if not real:
             continue
         counts = batch["mask"][:, 1:].sum(1).cpu().numpy()
         for i, part in zip(idx, np.split(losses[:counts.sum()], np.cumsum(counts)[:-1])):

@@ -45,7 +45,7 @@ def write_html(path: Path, tokenizer, input_ids: Ragged, target: Ragged, keep: R
             if not tgt[j]:
                 spans.append(f'<span class="p">{text}</span>')
                 continue
-            tip = [f"kept" if kp[j] else "dropped"]
+            tip = ["kept" if kp[j] else "dropped"]
             if sc is not None and not np.isnan(sc[j]):
                 tip.append(f"score {sc[j]:+.3f}")
             for name, marks in (attributes or {}).items():

@@ -50,7 +50,6 @@ XTF (arXiv 2602.14536), everything from the base model, no reference; every open
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 
@@ -406,7 +405,7 @@ def attention_received(accelerator, lm, input_ids: Ragged, target: Ragged, batch
     tokens. Batches are dealt round-robin to the ranks and gathered, as in losses.token_losses."""
     import torch
 
-    from tokenclean.losses import collate, length_batches, _gather
+    from tokenclean.losses import _gather, collate, rank_batches
     decoder = getattr(lm, lm.base_model_prefix)
     blocks = decoder.layers
     n_layers = len(blocks)
@@ -427,23 +426,17 @@ def attention_received(accelerator, lm, input_ids: Ragged, target: Ragged, batch
         acc_state["sum"] = rec if acc_state.get("sum") is None else acc_state["sum"] + rec
 
     handles = [blocks[l].self_attn.register_forward_hook(hook) for l in chosen]
-    batches = length_batches(input_ids.lengths, batch_size)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    steps = math.ceil(len(batches) / world)
     was_training = lm.training
     lm.eval()
     mine = []
     try:
-        from tqdm.auto import tqdm
-        for step in tqdm(range(steps), desc=desc, disable=not accelerator.is_local_main_process, unit="batch"):
-            b = step * world + rank
-            idx = batches[b] if b < len(batches) else batches[0][:1]
+        for idx, real in rank_batches(accelerator, input_ids.lengths, batch_size, desc):
             batch = collate(input_ids, target, idx, pad_id)
             attn = batch["attention_mask"].to(accelerator.device)
             acc_state.update(attn=attn.float(), sum=None)
             with torch.no_grad(), accelerator.autocast():
                 decoder(input_ids=batch["input_ids"].to(accelerator.device), attention_mask=attn, use_cache=False)
-            if b >= len(batches):
+            if not real:
                 continue
             total = (acc_state["sum"] / len(chosen)).cpu().numpy()
             lengths = attn.sum(1).cpu().numpy()
