@@ -34,3 +34,12 @@ def test_fingerprint_sees_values_and_layout():
     b = Ragged.from_list([[1], [2, 3]], np.int32)
     assert fingerprint(a) != fingerprint(b)
     assert fingerprint(a) == fingerprint(Ragged.from_list([[1, 2], [3]], np.int32))
+
+
+def test_concat_and_row_sums_with_an_empty_example():
+    a = Ragged.from_list([[True, False, True], []], bool)
+    b = Ragged.from_list([[True], [False, False]], bool)
+    c = Ragged.concat([a, b])
+    assert c.lengths.tolist() == [3, 0, 1, 2] and c[2].tolist() == [True]
+    assert c.row_sums().tolist() == [2, 0, 1, 0]
+    assert Ragged.from_list([[1.5, 2.0], [4.0]], np.float32).row_sums().tolist() == [3.5, 4.0]

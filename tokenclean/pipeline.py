@@ -365,7 +365,8 @@ class Pipeline:
         for split, prefix in parts:
             ids.append(split.input_ids)
             target.append(split.target)
-            keep.append(load(prefix + "keep") or split.target)
+            k = load(prefix + "keep")
+            keep.append(k if k is not None else split.target)      # round 0 keeps every response token
             s = load(prefix + "scores")
             scores.append(s if s is not None else split.target.like(np.full(len(split.target.values), np.nan,
                                                                             np.float32)))
@@ -373,7 +374,7 @@ class Pipeline:
                 a = load(f"{prefix}xtf/{name}_noise")
                 if a is not None:
                     attrs.setdefault(name.upper(), []).append(a)
-        cat = _concat
+        cat = Ragged.concat
         write_cleaned(self.run_dir / "cleaned.parquet", cat(ids), cat(keep))
         write_html(self.run_dir / "report.html", self.tokenizer, cat(ids), cat(target), cat(keep), cat(scores),
                    {k: cat(v) for k, v in attrs.items() if len(v) == len(parts)}, title=str(self.run_dir.name))
@@ -518,8 +519,7 @@ class Pipeline:
                     base = self._losses(prepared.model, self.train.subset(rest), "base losses")
                     for k in range(1, T + 1):
                         lo = sum(len(chunks[j]) for j in range(1, k))
-                        part = Ragged.from_list([base[i] for i in range(lo, lo + len(chunks[k]))], np.float32)
-                        self._save_ragged(part, f"round_{k}/base_losses")
+                        self._save_ragged(base.select(range(lo, lo + len(chunks[k]))), f"round_{k}/base_losses")
                     m.complete("base_losses", seconds=round(time.perf_counter() - tt, 2))
                 keep, scores = chunks[0].target, None
             elif scorers.is_online(cfg.scorer.name) and self._needs_scores():
@@ -564,13 +564,6 @@ class Pipeline:
                 "kept_ratio": sum(r["tokens_kept"] for r in rounds) / max(sum(r["tokens_target"] for r in rounds), 1),
                 "eval_loss_before": rounds[0].get("eval_base", {}).get("eval_loss"),
                 "eval_loss_after": rounds[-1].get("eval_loss"), "checkpoint": str(final)}
-
-
-def _concat(parts: list[Ragged]) -> Ragged:
-    offsets = [np.zeros(1, np.int64)]
-    for p in parts:
-        offsets.append(p.offsets[1:] + offsets[-1][-1])
-    return Ragged(np.concatenate([np.asarray(p.values) for p in parts]), np.concatenate(offsets))
 
 
 def _stage_seed(seed: int, stage: str) -> int:

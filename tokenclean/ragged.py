@@ -46,6 +46,20 @@ class Ragged:
         assert values.shape == self.values.shape, (values.shape, self.values.shape)
         return Ragged(values, self.offsets)
 
+    @classmethod
+    def concat(cls, parts: list["Ragged"]) -> "Ragged":
+        """The examples of every part, one after the other."""
+        offsets = [np.zeros(1, np.int64)] + [None] * len(parts)
+        for k, p in enumerate(parts):
+            offsets[k + 1] = p.offsets[1:] + offsets[k][-1]
+        return cls(np.concatenate([np.asarray(p.values) for p in parts]), np.concatenate(offsets))
+
+    def row_sums(self) -> np.ndarray:
+        """The sum of each example's values (a count, for a bool Ragged); 0 for an empty example."""
+        csum = np.concatenate([[0], np.cumsum(np.asarray(self.values, dtype=np.int64 if self.values.dtype == bool
+                                                         else self.values.dtype))])
+        return np.diff(csum[self.offsets])
+
     def example_ids(self) -> np.ndarray:
         """For every flat position, the index of the example it belongs to."""
         return np.repeat(np.arange(len(self), dtype=np.int64), self.lengths)

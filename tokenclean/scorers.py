@@ -138,8 +138,7 @@ class OnlineSelector:
         self.cached = np.asarray(cached.values, np.float32)
         self.target = target
         self.is_target = np.asarray(target.values, bool)
-        self.n_target = np.add.reduceat(self.is_target.astype(np.int64), target.offsets[:-1]) if len(target) else \
-            np.zeros(0, np.int64)
+        self.n_target = target.row_sums()
         n = len(self.is_target)
         self.scores = np.full(n, np.nan, np.float32)
         self.keep = np.zeros(n, bool)

@@ -112,8 +112,7 @@ def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: Training
     model.train()
     # the averaging over ranks (DDP, DeepSpeed) and DeepSpeed's 1/accumulation are undone here
     scale = world * (p.n_micro if p.is_deepspeed else 1)
-    kept = np.asarray(keep.values, dtype=bool)
-    kept_per_example = np.add.reduceat(kept.astype(np.int64), keep.offsets[:-1]) if len(keep) else np.zeros(0)
+    kept_per_example = keep.row_sums()
 
     stats = {"steps": len(p.steps), "train_loss": [], "tokens": 0, "seconds": 0.0}
     t0 = time.perf_counter()
