@@ -18,7 +18,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def assert_same_result(run_dir, reference):
-    assert stages(run_dir) .keys() == stages(reference).keys()
+    assert stages(run_dir).keys() == stages(reference).keys()
     for t in (1, 2):
         np.testing.assert_array_equal(load_array(run_dir / f"round_{t}/keep").values,
                                       load_array(reference / f"round_{t}/keep").values)
