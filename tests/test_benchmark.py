@@ -33,7 +33,7 @@ def test_injected_spans_become_exactly_the_injected_tokens(tiny_tok):
     t = tokenize(noisy, tiny_tok, 512)
     truth = B.token_truth(noisy, inj, tiny_tok, t)
     assert truth.same_layout(t.input_ids)
-    tgt = t.target_mask.values.astype(bool)
+    tgt = t.target.values.astype(bool)
     assert not (truth.values.astype(bool) & ~tgt).any()          # injected tokens are response tokens
     for i in inj:
         e = int(np.flatnonzero(t.record_indices == i.record)[0])

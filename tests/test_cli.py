@@ -78,7 +78,7 @@ def test_checkpoint_reloads_with_the_same_losses(fixed_run):
     data = tokenize(records, tok, max_length=256)
     eval_idx, _ = split_indices(len(data.input_ids), 24, 42)
     losses = token_losses(Accelerator(cpu=True), TokenLoss(model), data.input_ids.select(eval_idx),
-                          data.target_mask.select(eval_idx), batch_size=16, pad_id=tok.pad_token_id)
+                          data.target.select(eval_idx), batch_size=16, pad_id=tok.pad_token_id)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert np.nanmean(losses.values) == pytest.approx(summary["eval_loss_after"], rel=1e-5)
 

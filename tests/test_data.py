@@ -310,11 +310,11 @@ def test_read_records_imports_neither_torch_nor_transformers(tmp_path):
 def test_chatml_targets_are_assistant_content_plus_im_end(chatml, system, turns):
     rec = _conv(system, turns)
     td = tokenize([rec], chatml, 512)
-    ids, mask = td.input_ids[0], td.target_mask[0]
+    ids, mask = td.input_ids[0], td.target[0]
     assert chatml.decode(ids) == chatml.apply_chat_template(rec["messages"], tokenize=False)
     want = [A1 + "<|im_end|>", A2 + "<|im_end|>"][:turns]
     assert _segments(chatml, ids, mask) == want
-    assert not mask[0] and td.input_ids.values.dtype == np.int32 and td.target_mask.values.dtype == bool
+    assert not mask[0] and td.input_ids.values.dtype == np.int32 and td.target.values.dtype == bool
     assert (td.n_truncated, td.n_truncated_targets, td.n_dropped) == (0, 0, 0)
 
 
@@ -322,7 +322,7 @@ def test_chatml_targets_are_assistant_content_plus_im_end(chatml, system, turns)
 def test_plain_template_targets_and_bos(plain, turns):
     rec = _conv(True, turns)
     td = tokenize([rec], plain, 512)  # no chat template -> plain
-    ids, mask = td.input_ids[0], td.target_mask[0]
+    ids, mask = td.input_ids[0], td.target[0]
     assert ids[0] == plain.bos_token_id and ids[1] != plain.bos_token_id
     text = f"### System:\n{SYS}\n\n### User:\n{U1}\n\n### Assistant:\n{A1}</s>\n\n"
     if turns == 2:
@@ -334,7 +334,7 @@ def test_plain_template_targets_and_bos(plain, turns):
 
 def test_plain_forced_on_a_chat_tokenizer_and_generation_prompt(chatml):
     td = tokenize([_conv(False, 1)], chatml, 512, template="plain")
-    assert _segments(chatml, td.input_ids[0], td.target_mask[0]) == [A1 + "<|im_end|>"]
+    assert _segments(chatml, td.input_ids[0], td.target[0]) == [A1 + "<|im_end|>"]
     assert render_plain(_conv(False, 1)["messages"][:1], "</s>", add_generation_prompt=True).endswith(
         "### Assistant:\n")
 
@@ -345,7 +345,7 @@ def test_template_with_bos_is_not_doubled(backends):
     td = tokenize([_conv(True, 2)], tok, 512)
     ids = td.input_ids[0]
     assert ids[0] == tok.bos_token_id and (ids == tok.bos_token_id).sum() == 1
-    assert _segments(tok, ids, td.target_mask[0]) == [A1 + "<|im_end|>", A2 + "<|im_end|>"]
+    assert _segments(tok, ids, td.target[0]) == [A1 + "<|im_end|>", A2 + "<|im_end|>"]
     # a template passed as a string overrides the tokenizer's own
     td2 = tokenize([_conv(True, 2)], tok, 512, template=CHATML)
     assert tok.decode(td2.input_ids[0]).startswith("<s><|im_start|>system\n")
@@ -355,7 +355,7 @@ def test_trl_history_assistant_turns_are_not_targets(chatml):
     msgs = [{"role": "user", "content": U1}, {"role": "assistant", "content": A1, "train": False},
             {"role": "user", "content": U2}, {"role": "assistant", "content": A2}]
     td = tokenize([{"messages": msgs}], chatml, 512)
-    assert _segments(chatml, td.input_ids[0], td.target_mask[0]) == [A2 + "<|im_end|>"]
+    assert _segments(chatml, td.input_ids[0], td.target[0]) == [A2 + "<|im_end|>"]
 
 
 def test_non_prefix_consistent_template_raises(backends):
@@ -374,7 +374,7 @@ def test_truncation_counts_are_exact(chatml):
     rec1, rec2 = _conv(True, 1), _conv(False, 2)  # rec2's first answer starts earlier
     full = tokenize([rec1, rec2], chatml, 10_000)
     n1, n2 = full.input_ids.lengths
-    m1, m2 = full.target_mask[0], full.target_mask[1]
+    m1, m2 = full.target[0], full.target[1]
     assert not m2[-1] and m2[-2]  # ChatML ends "...<|im_end|>" (target) "\n" (not)
     # cut only the final newline of rec2
     td = tokenize([rec1, rec2], chatml, n2 - 1)
@@ -384,7 +384,7 @@ def test_truncation_counts_are_exact(chatml):
     td = tokenize([rec2], chatml, cut)
     assert (td.n_truncated, td.n_truncated_targets, td.n_dropped) == (1, int(m2[cut:].sum()), 0)
     assert td.input_ids.lengths.tolist() == [cut]
-    np.testing.assert_array_equal(td.target_mask[0], m2[:cut])
+    np.testing.assert_array_equal(td.target[0], m2[:cut])
     # cut rec1 before its only answer: no target left -> dropped, rec2 kept
     first_target = int(np.argmax(m1))
     td = tokenize([rec1, rec2], chatml, first_target)
@@ -402,7 +402,7 @@ def test_batch_matches_one_by_one(chatml, plain):
         for i, r in enumerate(recs):
             one = tokenize([r], tok, 50)
             np.testing.assert_array_equal(batch.input_ids[i], one.input_ids[0])
-            np.testing.assert_array_equal(batch.target_mask[i], one.target_mask[0])
+            np.testing.assert_array_equal(batch.target[i], one.target[0])
 
 
 def test_slow_tokenizer_is_refused(chatml):
@@ -431,16 +431,16 @@ def test_split_indices():
 
 def test_fingerprints(backends, chatml):
     recs = [_conv(True, 2)]
-    fp = tokenize(recs, chatml, 512).fingerprint
-    assert fp == tokenize(recs, chatml, 512).fingerprint
+    fp = tokenize(recs, chatml, 512).fingerprint()
+    assert fp == tokenize(recs, chatml, 512).fingerprint()
     other = [_conv(True, 1)]
-    assert tokenize(other, chatml, 512).fingerprint != fp
-    assert tokenize(recs, chatml, 50).fingerprint != fp  # truncation changes the data
-    assert tokenize(recs, chatml, 512, template="plain").fingerprint != fp
+    assert tokenize(other, chatml, 512).fingerprint() != fp
+    assert tokenize(recs, chatml, 50).fingerprint() != fp  # truncation changes the data
+    assert tokenize(recs, chatml, 512, template="plain").fingerprint() != fp
     same = _fast(_backend(False), eos_token="<|im_end|>")
     same.chat_template = CHATML
     assert tokenizer_fingerprint(same) == tokenizer_fingerprint(chatml)  # rebuilt identically
-    assert tokenize(recs, same, 512).fingerprint == fp
+    assert tokenize(recs, same, 512).fingerprint() == fp
     same.chat_template = CHATML + "{# v2 #}"
     assert tokenizer_fingerprint(same) != tokenizer_fingerprint(chatml)
     plain_t = _fast(backends["plain"], bos_token="<s>", eos_token="</s>")

@@ -45,6 +45,7 @@ def _setup_logging() -> None:
 
 @hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")
 def app(cfg: DictConfig) -> None:
+    from tokenclean import scorers
     from tokenclean.config import ConfigError, validate
     from tokenclean.data import DataError
 
@@ -52,14 +53,14 @@ def app(cfg: DictConfig) -> None:
     try:
         typed = OmegaConf.to_object(cfg)
         validate(typed)
-        from tokenclean.pipeline import Pipeline
+        scorers.validate(typed)
+        from tokenclean import pipelines
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        pipeline = Pipeline(typed, run_dir, OmegaConf.to_container(cfg, resolve=True))
-        summary = pipeline.run()
+        job, summary = pipelines.run(typed, run_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     except (ConfigError, DataError) as e:
         print(f"tokenclean: error: {e}", file=sys.stderr)
         sys.exit(2)
-    if pipeline.acc.is_main_process:
+    if job.acc.is_main_process:
         print(format_summary(summary))
 
 

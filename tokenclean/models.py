@@ -7,7 +7,6 @@ Directories are written under a temporary name and renamed, so a checkpoint dire
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -17,6 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokenclean.config import ModelConfig
+from tokenclean.dist import not_sharded
+from tokenclean.rundir import fingerprint, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 def model_fingerprint(path: str) -> str:
     """A cheap identity of a checkpoint directory (hashing 140 GB of weights is not cheap): its config.json and each
     weight file's name, size and first MiB (the safetensors header and the first tensors)."""
-    from tokenclean.ragged import fingerprint
     p = Path(path)
     parts = [(p / "config.json").read_text() if (p / "config.json").exists() else ""]
     for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
@@ -76,7 +76,7 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir: str | os.PathLike, s
         if mcfg.lora.enabled:
             # merge on a CPU copy: under ZeRO-3 the live modules hold only shards
             from peft import get_peft_model
-            with _not_sharded(accelerator):
+            with not_sharded(accelerator):
                 lm = get_peft_model(AutoModelForCausalLM.from_pretrained(start_dir, dtype=getattr(torch, mcfg.dtype)),
                                     peft_config(mcfg))
             missing, unexpected = lm.load_state_dict(state, strict=False)
@@ -88,31 +88,7 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir: str | os.PathLike, s
         else:
             accelerator.unwrap_model(model).lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)  # a stage redone after a crash replaces its old output
         os.replace(tmp, out_dir)
     accelerator.wait_for_everyone()
-
-
-@contextlib.contextmanager
-def _not_sharded(accelerator):
-    """Build a whole model in this process alone. Under ZeRO-3 accelerate registers its DeepSpeed config with
-    transformers, which then builds every model inside deepspeed.zero.Init: sharded, and collectively (a broadcast
-    per parameter), so a model built on rank 0 only would wait forever for the other ranks."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
-    if plugin is None or not is_deepspeed_zero3_enabled():
-        yield
-        return
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        plugin.set_deepspeed_weakref()
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())

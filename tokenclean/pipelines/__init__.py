@@ -1,0 +1,15 @@
+"""The two pipelines, each one plain function over a Job: fixed.run and self_evolving.run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenclean.config import Config
+
+
+def run(cfg: Config, run_dir: Path, config_dict: dict):
+    """setup -> the pipeline -> finish. Returns (the job, its summary)."""
+    from tokenclean.pipelines import fixed, self_evolving
+    from tokenclean.pipelines.job import finish, setup
+    job = setup(cfg, run_dir, config_dict)
+    summary, parts = (fixed if cfg.pipeline.name == "fixed" else self_evolving).run(job)
+    return job, finish(job, summary, parts)

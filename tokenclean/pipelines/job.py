@@ -1,0 +1,306 @@
+"""What every pipeline runs in: `setup` (read and validate the data, build the accelerator, tokenize, open the run
+directory) -> a pipeline (fixed.py, self_evolving.py) -> `finish` (report, summary). The `Job` holds the run's
+state and the building blocks the pipelines are written in: train a model, compute per-token losses, store arrays,
+evaluate, select. The algorithms themselves live in the pipelines.
+
+Every training stage builds its model from an HF checkpoint on disk (the base, or the previous stage's output), so
+an interrupted run that restarts from the manifest loads exactly what the uninterrupted run loaded and reaches the
+same masks and weights.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenclean import scorers, selection
+from tokenclean.config import Config
+from tokenclean.data import Examples, read_records, split_indices, tokenize, tokenizer_fingerprint
+from tokenclean.ragged import Ragged
+from tokenclean.rundir import RunDir, atomic_write_text, fingerprint
+
+log = logging.getLogger("tokenclean")
+
+
+@dataclass
+class Data:
+    train: Examples                 # the pool that is cleaned and trained on
+    warmup: Examples | None         # the fixed pipeline's warm-up set (its reference learns from it)
+    eval: Examples | None           # held out: loss before and after
+    truncation: dict
+    skipped_records: int
+
+
+def read_data(cfg: Config) -> tuple[dict, int]:
+    """Every record, read and validated before any model loads: {"train"|"warmup"|"eval": records}, skipped."""
+    d, records, skipped = cfg.data, {}, 0
+    sources = {"train": d.train, "warmup": d.warmup if cfg.pipeline.name == "fixed" else None, "eval": d.eval}
+    for split, source in sources.items():
+        if source is not None:
+            records[split], s = read_records(source, d.format, d.on_error, d.limit if split == "train" else None)
+            skipped += s
+    return records, skipped
+
+
+def tokenize_data(cfg: Config, records: dict, skipped: int, tokenizer) -> Data:
+    """Tokenize, then hold out the eval set and (fixed pipeline) the warm-up set from the pool when not given."""
+    d, truncation = cfg.data, {"examples": 0, "target_tokens": 0, "dropped_examples": 0}
+
+    def tok(recs) -> Examples:
+        t = tokenize(recs, tokenizer, d.max_length, d.template)
+        truncation["examples"] += t.n_truncated
+        truncation["target_tokens"] += t.n_truncated_targets
+        truncation["dropped_examples"] += t.n_dropped
+        return t
+
+    pool, eval_set, warmup = tok(records["train"]), None, None
+    if "eval" in records:
+        eval_set = tok(records["eval"])
+    elif d.eval_fraction is not None or d.eval_size > 0:
+        taken, rest = split_indices(len(pool), d.eval_fraction or d.eval_size, cfg.seed)
+        eval_set, pool = pool.subset(taken), pool.subset(rest)
+    if cfg.pipeline.name == "fixed":
+        if "warmup" in records:
+            warmup = tok(records["warmup"])
+        else:  # the reference learns from records the cleaned model is not trained on (disjoint sets)
+            taken, rest = split_indices(len(pool), d.warmup_size or d.warmup_fraction, cfg.seed + 1)
+            warmup, pool = pool.subset(taken), pool.subset(rest)
+    if len(pool) == 0:
+        raise ValueError(f"data.train={d.train!r}: no training example left after the eval/warm-up splits")
+    return Data(pool, warmup, eval_set, truncation, skipped)
+
+
+class Job:
+    def __init__(self, cfg: Config, run_dir: Path, config_dict: dict):
+        from tokenclean.assets import resolve_model
+        from tokenclean.dist import make_accelerator
+        from tokenclean.models import load_tokenizer, model_fingerprint
+        from tokenclean.tracking import Tracker
+
+        self.cfg, self.scorer = cfg, scorers.get(cfg.scorer.name)
+        self.scored = cfg.selection.method not in ("all", "random")   # the baselines run no scorer
+        records, skipped = read_data(cfg)
+        # a built-in model is built (once, cached) before the Accelerator exists: under ZeRO-3 every model
+        # construction after it is a collective (deepspeed.zero.Init) that the other ranks would never join. Every
+        # rank calls it; a file lock in the cache lets one process per machine build while the others wait.
+        self.base_dir = resolve_model(cfg.model.name_or_path)
+        self.acc = make_accelerator(cfg.training.mixed_precision)
+        self.tokenizer = load_tokenizer(self.base_dir)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.base_fp, self.tokenizer_fp = model_fingerprint(self.base_dir), tokenizer_fingerprint(self.tokenizer)
+        self.data = tokenize_data(cfg, records, skipped, self.tokenizer)
+        d = self.data
+        data_fp = fingerprint(d.train.fingerprint(), d.eval.fingerprint() if d.eval else "",
+                              d.warmup.fingerprint() if d.warmup else "")
+        self.run = RunDir(run_dir, self.acc, config_dict, data_fp, cfg.resume)
+        self.tracker = Tracker(self.run.path, cfg, config_dict, self.run.data["run_id"],
+                               enabled=self.acc.is_main_process)
+        self.global_step = self.run.data.get("global_step", 0)
+        self.started = time.perf_counter()
+        if self.acc.is_main_process:
+            log.info("data: %d train examples (%d response tokens), %d warm-up, %d eval; %d malformed records "
+                     "skipped", len(d.train), d.train.n_targets, len(d.warmup) if d.warmup else 0,
+                     len(d.eval) if d.eval else 0, d.skipped_records)
+
+    # -- models ------------------------------------------------------------------------------------------------------
+    def train_model(self, path: str, stage: str, n_examples: int, adapter: str | None = None,
+                    steps_before: int = 0, steps_total: int | None = None):
+        """A model from `path`, prepared for training a stage of n_examples (train.Prepared)."""
+        from tokenclean.models import load_model
+        from tokenclean.train import prepare
+        lm = load_model(path, self.cfg.model, self.cfg.seed, adapter=adapter)
+        return prepare(self.acc, lm, n_examples, self.cfg.training, self.stage_seed(stage), steps_before, steps_total)
+
+    def scoring_model(self, path: str):
+        """A whole copy of the model at `path` on this rank's device, for forward passes only."""
+        from tokenclean.dist import not_sharded
+        from tokenclean.losses import TokenLoss
+        from tokenclean.models import load_model
+        with not_sharded(self.acc):
+            lm = load_model(path, self.cfg.model, self.cfg.seed, lora=False)
+        return TokenLoss(lm, self.cfg.training.loss_chunk_size).to(self.acc.device)
+
+    def fit(self, prepared, examples: Examples, keep: Ragged, stage: str, round_index: int | None = None,
+            online=None) -> dict:
+        from tokenclean.train import fit
+        n_steps = len(prepared.steps)
+
+        def on_step(step, metrics):
+            self.global_step += 1
+            if step % self.cfg.training.log_every == 0 or step == n_steps - 1:
+                self.tracker.log(metrics, stage=stage, round=round_index, **{"train/step": self.global_step})
+
+        stats = fit(self.acc, prepared, examples.input_ids, keep, self.cfg.training, self.pad_id, on_step,
+                    desc=stage, online=online)
+        self.run.data["global_step"] = self.global_step
+        last = round(float(stats["train_loss"][-1]), 5) if stats["train_loss"] else None
+        return {"train_seconds": round(stats["seconds"], 2), "steps": stats["steps"], "final_train_loss": last,
+                "tokens_per_second": round(float(stats["tokens_per_second"]), 1)}
+
+    def save_model(self, prepared, rel: str, start_dir: str) -> None:
+        """Write the stage's model as an HF checkpoint (LoRA merged), then free its model and optimiser."""
+        from tokenclean.models import save_checkpoint
+        save_checkpoint(self.acc, prepared.model, self.tokenizer, self.run.path / rel, start_dir, self.cfg.model,
+                        keep_adapter=self.cfg.model.lora.enabled)
+        self.acc.free_memory(prepared.model, prepared.optimizer)
+        prepared.model = prepared.optimizer = prepared.scheduler = None   # else this object keeps them alive
+        import gc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def stage_seed(self, stage: str) -> int:
+        return int(fingerprint(self.cfg.seed, stage)[:8], 16)
+
+    # -- per-token arrays --------------------------------------------------------------------------------------------
+    def losses(self, model, examples: Examples, desc: str, entropy: bool = False):
+        from tokenclean.losses import token_losses
+        return token_losses(self.acc, model, examples.input_ids, examples.target,
+                            self.cfg.training.score_batch_size, self.pad_id, desc=desc, entropy=entropy)
+
+    def base_signals(self, model, parts: list[tuple[str, Examples]]) -> None:
+        """The one producer of base-model signals: per-token losses of the untouched base (and its predictive
+        entropies, when the scorer reads them) on every part, once per run (stage base_losses), stored at each
+        part's rel path (entropies at the same path with 'losses' -> 'entropy')."""
+        if self.run.done("base_losses"):
+            return
+        with self.run.stage("base_losses"):
+            every = Examples(Ragged.concat([p.input_ids for _, p in parts]), Ragged.concat([p.target for _, p in parts]))
+            out = self.losses(model, every, "base losses", entropy=self.scorer.base_entropy and self.scored)
+            out = out if isinstance(out, tuple) else (out,)
+            lo = 0
+            for rel, part in parts:
+                rows = range(lo, lo + len(part))
+                for kind, array in zip(("losses", "entropy"), out):
+                    self.save_array(array.select(rows), rel.replace("losses", kind))
+                lo += len(part)
+
+    def signals(self, examples: Examples, base: str, reference: Ragged | str | None = None) -> scorers.Signals:
+        """What an offline scorer reads for `examples`: the stored base signals at rel path `base`, and the
+        reference's losses (an array, or the rel path of a stored one)."""
+        entropy = base.replace("losses", "entropy")
+        return scorers.Signals(
+            self, examples, base_losses=self.load_array(base) if self.run.has_array(base) else None,
+            reference_losses=self.load_array(reference) if isinstance(reference, str) else reference,
+            base_entropy=self.load_array(entropy) if self.run.has_array(entropy) else None)
+
+    def save_array(self, array: Ragged, rel: str) -> None:
+        self.run.save_array(array, rel, self.array_meta(rel))
+
+    def load_array(self, rel: str) -> Ragged:
+        return Ragged.load(self.run.path / rel, self.array_meta(rel), mmap=False)
+
+    def array_meta(self, rel: str) -> dict:
+        """Per-token arrays carry the fingerprints of the data and tokenizer they were computed from (and, for the
+        base's own signals, of the base model); an array whose fingerprints differ is refused on load."""
+        meta = {"data_fingerprint": self.run.data["data_fingerprint"], "tokenizer_fingerprint": self.tokenizer_fp}
+        if rel.endswith(("/base", "base_losses", "base_entropy")):
+            meta["model_fingerprint"] = self.base_fp
+        return meta
+
+    # -- decisions ---------------------------------------------------------------------------------------------------
+    def decide(self, scored: scorers.Scored | None, target: Ragged, seed: int) -> Ragged:
+        """The keep mask (or soft weights) from a scorer's answer: its own decision where it has one (XTF's rules),
+        else selection.method over its scores. The baselines (all, random) need no scores."""
+        s = self.cfg.selection
+        if scored is not None and s.method == "soft" and scored.weights is not None:
+            return scored.weights
+        if scored is not None and s.method != "soft" and scored.keep is not None:
+            return scored.keep
+        return selection.select(scored.scores if scored else None, target, s.method, s.keep_ratio, s.threshold,
+                                s.temperature, seed)
+
+    def online_selector(self, target: Ragged, cached: Ragged):
+        from tokenclean.scorers.online import OnlineSelector
+        s = self.cfg.selection
+        return OnlineSelector(self.scorer.online_score, cached, target, s.method, s.keep_ratio, s.threshold,
+                              self.cfg.scorer.online_scope, s.temperature)
+
+    def finish_online(self, selector, prefix: str) -> dict:
+        """Store what an online selector chose (its scores and decisions, as when each token was trained)."""
+        selector.finish(self.acc)
+        self.save_array(selector.scores_ragged(), f"{prefix}scores")
+        self.save_array(selector.keep_ragged(), f"{prefix}keep")
+        return selector.summary()
+
+    def save_scored(self, scored: scorers.Scored | None, keep: Ragged, prefix: str) -> None:
+        """The decision (keep mask or weights) and what the scorer produced, under the rel `prefix`."""
+        for rel, array in (scored.arrays.items() if scored else ()):
+            self.save_array(array, prefix + rel)
+        if scored is not None and scored.scores is not None:
+            self.save_array(scored.scores, f"{prefix}scores")
+        self.save_array(keep, f"{prefix}keep")
+
+    # -- metrics -----------------------------------------------------------------------------------------------------
+    def evaluate(self, model, stage: str, round_index: int | None = None) -> dict:
+        """Held-out loss over every response token (a diagnostic: it counts the tokens cleaning drops on purpose)."""
+        if self.data.eval is None:
+            return {}
+        losses = self.losses(model, self.data.eval, f"eval {stage}")
+        v = losses.values[~np.isnan(losses.values)]
+        out = {"eval_loss": float(v.mean()), "eval_ppl": float(math.exp(v.mean()))}
+        self.tracker.log({f"eval/{k[5:]}": x for k, x in out.items()}, stage=stage, round=round_index,
+                         **{"train/step": self.global_step})
+        return out
+
+    def round_metrics(self, round_index: int, scores: Ragged | None, keep: Ragged, target: Ragged, **extra) -> dict:
+        m = selection.summary(keep, target)
+        if scores is not None:
+            v = scores.values[np.asarray(target.values, dtype=bool)]
+            m.update(score_mean=float(np.mean(v)), score_std=float(np.std(v)),
+                     score_q10=float(np.quantile(v, 0.1)), score_q90=float(np.quantile(v, 0.9)))
+            self.tracker.histogram("round/score_histogram", v, round_index)
+        m.update(extra)
+        self.tracker.log({f"round/{k}": v for k, v in m.items() if isinstance(v, (int, float))}, round=round_index)
+        return m
+
+
+def setup(cfg: Config, run_dir: Path, config_dict: dict) -> Job:
+    return Job(cfg, run_dir, config_dict)
+
+
+def finish(job: Job, summary: dict, parts: list[tuple[Examples, str]]) -> dict:
+    """Write cleaned.parquet and report.html over `parts` (examples, the rel prefix of their arrays), summary.json,
+    and close the tracker."""
+    from tokenclean.report import write_cleaned, write_html
+    summary.update(seconds=round(time.perf_counter() - job.started, 1), run_dir=str(job.run.path),
+                   truncation=job.data.truncation, malformed_records_skipped=job.data.skipped_records)
+    if job.acc.is_main_process:
+        def stored(rel, default):
+            return job.load_array(rel) if job.run.has_array(rel) else default
+
+        ids, target, keep, scores, reasons = [], [], [], [], {}
+        for examples, prefix in parts:
+            ids.append(examples.input_ids)
+            target.append(examples.target)
+            keep.append(stored(prefix + "keep", examples.target))   # e.g. round 0: every response token
+            nan = np.full(len(examples.target.values), np.nan, np.float32)
+            scores.append(stored(prefix + "scores", examples.target.like(nan)))
+            for label, rel in job.scorer.reasons if job.scored else ():
+                if job.run.has_array(prefix + rel):
+                    reasons.setdefault(label, []).append(job.load_array(prefix + rel))
+        cat = Ragged.concat
+        if any(k.values.dtype != bool for k in keep):   # soft weights: a round kept whole weighs 1
+            keep = [k.like(np.asarray(k.values, np.float32)) for k in keep]
+        write_cleaned(job.run.path / "cleaned.parquet", cat(ids), cat(keep))
+        write_html(job.run.path / "report.html", job.tokenizer, cat(ids), cat(target), cat(keep), cat(scores),
+                   {k: cat(v) for k, v in reasons.items() if len(v) == len(parts)}, title=job.run.path.name)
+        atomic_write_text(job.run.path / "summary.json", json.dumps(summary, indent=1))
+    job.tracker.finish(flat(summary))
+    return summary
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}/"))
+        else:
+            out[prefix + k] = v
+    return out

@@ -1,0 +1,90 @@
+"""Token scorers: which response tokens are worth learning. One module per scorer; each declares a `Scorer`
+(named SCORER) that says what it needs and how it scores, and the pipelines and the report ask that description
+instead of comparing names. Adding a scorer is one module here, one YAML in conf/scorer/ and its tests.
+
+  module        score (higher = keep)                     needs                  where it ranks
+  ------------  ----------------------------------------  ---------------------  --------------------------------
+  influence     l_base - l_ref             (Token Cleaning) base + reference      offline, by selection.method:
+                                                                                  global (the paper), sample (the
+                                                                                  reference code's "rho" baseline)
+  rho           l_current - l_ref          (Rho-1)          cached l_ref          online, per training batch
+  self_online   l_base - l_current         (ours)           cached l_base         online, per training batch
+  xtf           KN, RI, TR union rule      (XTF)            base model only       offline, rules (own keep ratio)
+  entropy       -H_base (predictive entropy)                base model only       offline, by selection.method
+  (baselines)   selection=random, selection=all            nothing                offline
+
+The reference is the fixed pipeline's warm-up model, or in self-evolving rounds the current model theta_t.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from tokenclean.config import Config, ConfigError, check
+from tokenclean.ragged import Ragged
+
+
+@dataclass
+class Signals:
+    """What a pipeline hands an offline scorer for one set of examples (the training pool, or a round's chunk)."""
+    job: Any                                # the running job (tokenclean.pipelines.job.Job): config, models, devices
+    examples: Any                           # tokenclean.data.Examples: input_ids and the response mask (target)
+    base_losses: Ragged | None = None       # l(x_j; base), NaN outside the response
+    reference_losses: Ragged | None = None  # l(x_j; reference)
+    base_entropy: Ragged | None = None      # entropy of the base's prediction at j
+
+
+@dataclass
+class Scored:
+    """An offline scorer's answer. `keep` (optional) is the scorer's own hard decision (XTF's rules), used instead of
+    ranking the scores; `weights` (optional) its own soft weights for selection.method=soft; `arrays` are extra
+    per-token arrays stored beside the scores (rel path -> array); `info` goes to the manifest and the metrics."""
+    scores: Ragged | None
+    keep: Ragged | None = None
+    weights: Ragged | None = None
+    arrays: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scorer:
+    name: str
+    needs_reference: bool = False       # the fixed pipeline trains a warm-up reference and computes its losses
+    uses_base: bool = True              # reads the base model's per-token losses (computed once per run)
+    base_entropy: bool = False          # ... and the base's predictive entropy (computed in the same pass)
+    online: bool = False                # ranks tokens per training batch (online.OnlineSelector), not once
+    pipelines: tuple = ("fixed", "self_evolving")
+    reasons: tuple = ()                 # (label, rel path of a bool array marking tokens it calls noise), for the report
+    score: Callable[[Signals], Scored] | None = None       # offline scorers
+    cached: str = "base"                # online scorers: the losses cached once, "base" or "reference" ...
+    online_score: Callable | None = None  # ... and score(cached, current) per batch (float64 arrays)
+    validate: Callable[[Config], None] | None = None       # the scorer's own config checks (raise ConfigError)
+
+
+def names() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_") and m.name != "online")
+
+
+def get(name: str) -> Scorer:
+    if name not in names():
+        raise ConfigError(f"scorer.name={name!r}: must be one of {', '.join(names())}")
+    return importlib.import_module(f"{__name__}.{name}").SCORER
+
+
+def validate(cfg: Config) -> None:
+    """The scorer's part of validation: its pipelines, online constraints and its own checks."""
+    s = cfg.selection
+    scorer = get(cfg.scorer.name)
+    if s.method in ("random", "all"):
+        return  # a baseline: no scorer runs
+    check(cfg.pipeline.name in scorer.pipelines, "pipeline.name", cfg.pipeline.name,
+          f"scorer={scorer.name} runs in the {' and '.join(scorer.pipelines)} pipeline only; use pipeline="
+          f"{scorer.pipelines[0]}, or a scorer that runs in {cfg.pipeline.name} (influence, self_online, entropy)")
+    if scorer.online:
+        check(not (s.method in ("threshold", "soft") and cfg.scorer.online_scope == "micro"), "scorer.online_scope",
+              cfg.scorer.online_scope, f"selection.method={s.method} needs online_scope=step (the step's loss "
+              "normaliser must be known before the first backward)")
+    if scorer.validate is not None:
+        scorer.validate(cfg)
