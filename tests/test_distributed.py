@@ -52,8 +52,8 @@ def _free_port() -> int:
 def dist_env(tmp_path_factory):
     """Environment for the launched processes: the tiny model built once per session into a private cache."""
     cache = tmp_path_factory.mktemp("tokenclean-cache")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("ACCELERATE_")}
+    launcher_keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_keys and not k.startswith("ACCELERATE_")}
     env.update(TOKENCLEAN_CACHE=str(cache), WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1", TOKENCLEAN_TIMEOUT="120")  # a hang fails in 2 min
     subprocess.run([sys.executable, "-c", "from tokenclean.assets import resolve_model; resolve_model('builtin:tiny')"],

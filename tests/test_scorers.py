@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from tests.conftest import random_examples
-from tokenclean import scorers
 from tokenclean.config import TrainingConfig, XTFConfig
 from tokenclean.losses import TokenLoss, collate
 from tokenclean.ragged import Ragged
+from tokenclean.scorers import xtf
+from tokenclean.scorers.online import OnlineSelector
+from tokenclean.scorers.rho import excess_loss
+from tokenclean.scorers.self_online import learned_since_base
 from tokenclean.train import fit, micro_batches, plan_steps, prepare
 
 NAN = float("nan")
@@ -26,38 +29,38 @@ def ragged(rows, dtype=np.float32):
 def test_iqr_rule_is_strictly_below_q1_minus_iqr():
     # sorted [7.75, 10, 11, 12, 13, 14]: Q1 = 10 + 0.25 = 10.25, Q3 = 12 + 0.75 = 12.75, IQR 2.5 -> bound 7.75
     v = np.array([10, 11, 7.75, 12, 13, 14])
-    assert scorers.iqr_low(v).tolist() == [False] * 6            # exactly on the bound: kept
+    assert xtf.iqr_low(v).tolist() == [False] * 6            # exactly on the bound: kept
     v2 = np.array([10, 11, 7.7, 12, 13, 14])
-    assert scorers.iqr_low(v2).tolist() == [False, False, True, False, False, False]
-    assert scorers.iqr_low(v2, k=2.0).tolist() == [False] * 6    # bound 10.25 - 5 = 5.25
-    assert scorers.iqr_low(np.array([])).tolist() == []
+    assert xtf.iqr_low(v2).tolist() == [False, False, True, False, False, False]
+    assert xtf.iqr_low(v2, k=2.0).tolist() == [False] * 6    # bound 10.25 - 5 = 5.25
+    assert xtf.iqr_low(np.array([])).tolist() == []
 
 
 def test_knowledge_novelty_threshold():
     p = np.array([NAN, 0.96, 0.94, 0.5], np.float64)              # p_base of the label; position 0 has none
     losses = ragged([-np.log(p)])
-    kn = scorers.xtf_knowledge_novelty(losses)
+    kn = xtf.knowledge_novelty(losses)
     np.testing.assert_allclose(kn.values[1:], [0.04, 0.06, 0.5], rtol=1e-5)
     assert math.isnan(kn.values[0])
     target = ragged([[0, 1, 1, 1]], bool)
     flat = target.like(np.zeros(4, np.float32))
-    out = scorers.xtf_rules(kn, flat, flat, target, XTFConfig(rules=["kn"]))
+    out = xtf.rules(kn, flat, flat, target, XTFConfig(rules=["kn"]))
     assert out["kn_noise"].values.tolist() == [False, True, False, False]    # KN 0.04 < 0.05
     assert out["keep"].values.tolist() == [False, False, True, True]
 
 
 def test_multi_otsu_noise_is_the_second_lowest_class():
     tr = np.array([0.0, 0.02, 0.01, 0.5, 0.52, 0.49, 1.0, 0.98, 0.99])
-    assert scorers.otsu_classes(tr, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert xtf.otsu_classes(tr, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     target = ragged([[0] + [1] * 9], bool)
     tr_r = target.like(np.concatenate([[NAN], tr]).astype(np.float32))
     zeros = target.like(np.full(10, 0.5, np.float32))
-    out = scorers.xtf_rules(zeros, zeros, tr_r, target, XTFConfig(rules=["tr"]))
+    out = xtf.rules(zeros, zeros, tr_r, target, XTFConfig(rules=["tr"]))
     assert np.flatnonzero(out["tr_noise"].values).tolist() == [4, 5, 6]       # the 0.5 cluster
-    out0 = scorers.xtf_rules(zeros, zeros, tr_r, target, XTFConfig(rules=["tr"], tr_noise_classes=[0]))
+    out0 = xtf.rules(zeros, zeros, tr_r, target, XTFConfig(rules=["tr"], tr_noise_classes=[0]))
     assert np.flatnonzero(out0["tr_noise"].values).tolist() == [1, 2, 3]
     # fewer distinct values than classes: nothing marked
-    assert scorers.otsu_classes(np.array([1.0, 1.0, 2.0]), 3) is None
+    assert xtf.otsu_classes(np.array([1.0, 1.0, 2.0]), 3) is None
 
 
 def test_union_of_the_three_rules_and_rule_subsets():
@@ -66,12 +69,12 @@ def test_union_of_the_three_rules_and_rule_subsets():
     kn = target.like(np.array([NAN, .5, .01, .5, .5, .5, .5, .5, .5], np.float32))
     ri = target.like(np.array([NAN, 1, 1.1, 0.9, 1, -5, 1.05, 0.95, 1], np.float32))
     tr = target.like(np.array([NAN, 0, 0, 0, 0, 0, 0.9, 0.5, 1], np.float32))
-    out = scorers.xtf_rules(kn, ri, tr, target, XTFConfig())
+    out = xtf.rules(kn, ri, tr, target, XTFConfig())
     assert np.flatnonzero(out["kn_noise"].values).tolist() == [2]
     assert np.flatnonzero(out["ri_noise"].values).tolist() == [5]
     assert np.flatnonzero(out["tr_noise"].values).tolist() == [7]
     assert np.flatnonzero(~out["keep"].values & target.values).tolist() == [2, 5, 7]
-    only_ri = scorers.xtf_rules(kn, ri, tr, target, XTFConfig(rules=["ri"]))
+    only_ri = xtf.rules(kn, ri, tr, target, XTFConfig(rules=["ri"]))
     assert np.flatnonzero(~only_ri["keep"].values & target.values).tolist() == [5]
     assert not out["keep"].values[0]                                  # never keeps a prompt token
 
@@ -81,16 +84,16 @@ def test_task_relevance_by_hand():
     ids = ragged([[2, 0, 0, 1]], np.int32)
     target = ragged([[0, 1, 1, 1]], bool)
     # centre = mean of E[0], E[0], E[1] = (2/3, 1/3); cosine distance 1 - 2/sqrt5 (id 0) and 1 - 1/sqrt5 (id 1)
-    tr = scorers.xtf_task_relevance(ids, target, E)
+    tr = xtf.task_relevance(ids, target, E)
     np.testing.assert_allclose(tr.values[1:], [1.0, 1.0, 0.0], atol=1e-6)
     assert math.isnan(tr.values[0])
     # l2 to an explicit centre (0, 0): distances 1, 1, 1 -> no spread -> every TR is 1
-    tr2 = scorers.xtf_task_relevance(ids, target, E, center=np.zeros(2), distance="l2")
+    tr2 = xtf.task_relevance(ids, target, E, center=np.zeros(2), distance="l2")
     np.testing.assert_allclose(tr2.values[1:], [1.0, 1.0, 1.0])
     # per-sample scope normalises each sample alone
     ids3 = ragged([[2, 0, 1], [2, 2, 0]], np.int32)
     t3 = ragged([[0, 1, 1], [0, 1, 1]], bool)
-    tr3 = scorers.xtf_task_relevance(ids3, t3, E, center=np.array([1.0, 0.0]), distance="l2", scope="sample")
+    tr3 = xtf.task_relevance(ids3, t3, E, center=np.array([1.0, 0.0]), distance="l2", scope="sample")
     # sample 0: d(id0)=0, d(id1)=sqrt2 -> TR 1, 0; sample 1: d(id2)=sqrt(4+16)=4.47, d(id0)=0 -> TR 0, 1
     np.testing.assert_allclose(tr3.values[[1, 2, 4, 5]], [1, 0, 0, 1], atol=1e-6)
 
@@ -100,8 +103,8 @@ def test_attention_received_matches_output_attentions(tiny_lm, accelerator):
     lm.set_attn_implementation("eager")
     ids = ragged([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]], np.int32)     # different lengths: right padding
     target = ragged([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1]], bool)
-    got = scorers.attention_received(accelerator, lm, ids, target, batch_size=2, pad_id=0)
-    got_sum = scorers.attention_received(accelerator, lm, ids, target, 2, 0, layers=[-1], heads=[0, 2], reduce="sum")
+    got = xtf.attention_received(accelerator, lm, ids, target, batch_size=2, pad_id=0)
+    got_sum = xtf.attention_received(accelerator, lm, ids, target, 2, 0, layers=[-1], heads=[0, 2], reduce="sum")
     for e in range(2):
         x = torch.as_tensor(ids[e], dtype=torch.long)[None]
         with torch.no_grad():
@@ -121,7 +124,7 @@ def test_attention_received_needs_eager(tiny_lm, accelerator):
     lm.set_attn_implementation("sdpa")
     ids, target = ragged([[5, 6, 7]], np.int32), ragged([[0, 1, 1]], bool)
     with pytest.raises(RuntimeError, match="eager"):
-        scorers.attention_received(accelerator, lm, ids, target, 1, 0)
+        xtf.attention_received(accelerator, lm, ids, target, 1, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,7 +140,7 @@ def hand_batch():
 
 def test_online_rho_ranks_excess_loss_in_the_batch():
     target, ref = hand_batch()
-    sel = scorers.OnlineSelector("rho", ref, target, "global", keep_ratio=0.5)
+    sel = OnlineSelector(excess_loss, ref, target, "global", keep_ratio=0.5)
     current = np.array([3.0, 2.5, 3.5, 2.5, 1.0])          # order: ex0 pos1..3, ex1 pos2..3
     pos, s, keep = sel.rank([0, 1], current)
     assert pos.tolist() == [1, 2, 3, 6, 7]
@@ -148,30 +151,30 @@ def test_online_rho_ranks_excess_loss_in_the_batch():
     pos_b, _, keep_b = sel.rank([1, 0], np.array([2.5, 1.0, 3.0, 2.5, 3.5]))
     assert pos_b[keep_b].tolist() == [6, 1]
     # ratio 0.6: floor(3.0) = 3: the third is the first 0.5 (position 2)
-    sel6 = scorers.OnlineSelector("rho", ref, target, "global", keep_ratio=0.6)
+    sel6 = OnlineSelector(excess_loss, ref, target, "global", keep_ratio=0.6)
     assert sel6.rank([0, 1], current)[2].tolist() == [True, True, False, True, False]
 
 
 def test_online_self_evolving_is_base_minus_current_and_sample_scope():
     target, base = hand_batch()
-    sel = scorers.OnlineSelector("self_online", base, target, "sample", keep_ratio=0.5)
+    sel = OnlineSelector(learned_since_base, base, target, "sample", keep_ratio=0.5)
     current = np.array([0.0, 2.5, 1.0, 0.0, 0.5])
     pos, s, keep = sel.rank([0, 1], current)
     np.testing.assert_allclose(s, [1.0, -0.5, 2.0, 0.5, 0.5])  # l_base - l_cur
     # per sample: floor(3 * .5) = 1 of example 0 (position 3), floor(2 * .5) = 1 of example 1 (tie: position 6)
     assert pos[keep].tolist() == [3, 6]
-    thr = scorers.OnlineSelector("self_online", base, target, "threshold", threshold=0.75)
+    thr = OnlineSelector(learned_since_base, base, target, "threshold", threshold=0.75)
     assert thr.rank([0, 1], current)[2].tolist() == [True, False, True, False, False]
 
 
 def test_online_kept_count_is_known_before_any_forward():
     target, ref = hand_batch()
-    g = scorers.OnlineSelector("rho", ref, target, "global", keep_ratio=0.5)
-    s = scorers.OnlineSelector("rho", ref, target, "sample", keep_ratio=0.5)
+    g = OnlineSelector(excess_loss, ref, target, "global", keep_ratio=0.5)
+    s = OnlineSelector(excess_loss, ref, target, "sample", keep_ratio=0.5)
     assert g.kept_count([0, 1]) == 2 and s.kept_count([0, 1]) == 2
     assert g.kept_count([0]) == 1 and s.kept_count([1]) == 1
-    assert scorers.OnlineSelector("rho", ref, target, "sample", keep_ratio=0.6).kept_count([0, 1]) == 2   # 1 + 1
-    assert scorers.OnlineSelector("rho", ref, target, "global", keep_ratio=0.6).kept_count([0, 1]) == 3
+    assert OnlineSelector(excess_loss, ref, target, "sample", keep_ratio=0.6).kept_count([0, 1]) == 2   # 1 + 1
+    assert OnlineSelector(excess_loss, ref, target, "global", keep_ratio=0.6).kept_count([0, 1]) == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,7 +188,8 @@ def online_run(tiny_lm, accelerator, micro, scope, kind="rho", steps=2, ratio=0.
     lm = tiny_lm(seed=3)
     cfg = TrainingConfig(lr=1e-2, batch_size=8, micro_batch_size=micro, max_steps=steps, warmup_ratio=0.0,
                          max_grad_norm=1e9, schedule="constant", mixed_precision="no")
-    sel = scorers.OnlineSelector(kind, cached, tgt, "global", ratio, None, scope)
+    score = excess_loss if kind == "rho" else learned_since_base
+    sel = OnlineSelector(score, cached, tgt, "global", ratio, None, scope)
     metrics = []
     p = prepare(accelerator, lm, len(ids), cfg, 0)
     fit(accelerator, p, ids, tgt, cfg, 0, on_step=lambda s, m: metrics.append(m), online=sel)

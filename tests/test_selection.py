@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tokenclean.ragged import Ragged
-from tokenclean.selection import kept_count, keep_mask, summary
+from tokenclean.selection import keep_mask, kept_count, summary
 
 NAN = np.nan
 

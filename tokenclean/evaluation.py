@@ -69,6 +69,9 @@ def evaluate(model_dir, tasks, *, limit=None, num_fewshot=None, batch_size=8, de
     # lm-eval reads a float limit < 1 as a fraction of the task: only a count is accepted here.
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
         raise EvalError(f"eval.limit must be a whole number of documents >= 1 (or null for all), got {limit!r}")
+    if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, numbers.Integral)
+                                    or num_fewshot < 0):
+        raise EvalError(f"eval.num_fewshot must be a count >= 0 (or null for each task's own), got {num_fewshot!r}")
     # Absolute: lm-eval asks the hub for the commit of any `pretrained` that looks like a repo id ("runs/x" does).
     model_dir = Path(model_dir).expanduser().resolve()
     if not (model_dir / "config.json").is_file():

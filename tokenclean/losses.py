@@ -60,7 +60,8 @@ class TokenLoss(nn.Module):
         n_chunks = _same_on_every_rank(math.ceil(len(y) / self.chunk_size), head, h.device)
         chunks, padding, entropies = [], [], []
         for i in range(n_chunks):
-            h_c, y_c = h[i * self.chunk_size:(i + 1) * self.chunk_size], y[i * self.chunk_size:(i + 1) * self.chunk_size]
+            lo, hi = i * self.chunk_size, (i + 1) * self.chunk_size
+            h_c, y_c = h[lo:hi], y[lo:hi]
             if len(y_c) == 0:           # ZeRO-3: this rank has fewer chunks than another; run the head anyway
                 h_c, y_c = h[:1], y[:1]
             if entropy:
@@ -118,7 +119,8 @@ def collate(input_ids: Ragged, weights, indices, pad_id: int) -> dict:
         n = len(rows[k])
         ids[k, :n], attn[k, :n], sel[k, :n] = rows[k], 1, w_rows[k] != 0
     sel[:, 0] = False                           # token 0 has no prefix to be predicted from
-    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn), "mask": torch.from_numpy(sel)}
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
+             "mask": torch.from_numpy(sel)}
     if w_rows and w_rows[0].dtype != bool:
         w = np.concatenate([r[1:][r[1:] != 0] for r in w_rows]).astype(np.float32)
         batch["weights"] = torch.from_numpy(w)

@@ -58,7 +58,8 @@ def write_html(path: Path, tokenizer, input_ids: Ragged, target: Ragged, keep: R
     n_t, n_k = int(np.count_nonzero(target.values)), int(np.count_nonzero(keep.values))
     page = f"""<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>
 <style>body{{font:14px/1.6 monospace;max-width:1100px;margin:2em auto}} .ex{{border-top:1px solid #ccc;padding:.6em 0}}
-.h{{color:#555;font-weight:bold}} .p{{color:#999}} .k{{background:#c8f0c8}} .d{{background:#f6c6c6;text-decoration:line-through}}</style>
+.h{{color:#555;font-weight:bold}} .p{{color:#999}} .k{{background:#c8f0c8}}
+.d{{background:#f6c6c6;text-decoration:line-through}}</style>
 <h2>{html.escape(title)}</h2><p>kept {n_k:,} of {n_t:,} response tokens ({n_k / max(n_t, 1):.1%}).
 <span class=p>prompt</span> <span class=k>kept</span> <span class=d>dropped</span>; hover a token for its score.</p>
 {''.join(rows)}"""

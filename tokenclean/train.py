@@ -22,8 +22,8 @@ from typing import Protocol
 import numpy as np
 import torch
 from accelerate.utils import DistributedType
-from transformers import get_scheduler
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from tokenclean.config import TrainingConfig
 from tokenclean.dist import batch_or_placeholder
@@ -151,7 +151,7 @@ def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: Training
             mask_src, n_kept = online.begin_step(accelerator, model, step, micro, p.n_micro, cfg.micro_batch_size,
                                                  input_ids, pad_id)
         for m_i, idx in enumerate(micro):
-            batch = batch_or_placeholder(lambda i: collate(input_ids, mask_src, i, pad_id), idx, step[:1])
+            batch = batch_or_placeholder(lambda i, m=mask_src: collate(input_ids, m, i, pad_id), idx, step[:1])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             weights = batch.pop("weights", None)
             sync = m_i == p.n_micro - 1

@@ -11,23 +11,23 @@ import os
 import sys
 import time
 
-from tokenclean import pipeline
+from tokenclean.pipelines import job
 
 mode, fail_stage = sys.argv[1], sys.argv[2]
 fail_rank = int(os.environ.get("TOKENCLEAN_TEST_FAIL_RANK", 1))
-_fit = pipeline.Pipeline._fit
+_fit = job.Job.fit
 
 
-def sabotaged_fit(self, prepared, split, keep, stage, *args, **kwargs):
+def sabotaged_fit(self, prepared, examples, keep, stage, *args, **kwargs):
     if stage == fail_stage and self.acc.process_index == fail_rank:
         print(f"rank {fail_rank}: injected {mode} at {stage}", file=sys.stderr, flush=True)
         if mode == "raise":
             raise RuntimeError(f"injected failure on rank {fail_rank} at {stage}")
         time.sleep(3600)
-    return _fit(self, prepared, split, keep, stage, *args, **kwargs)
+    return _fit(self, prepared, examples, keep, stage, *args, **kwargs)
 
 
-pipeline.Pipeline._fit = sabotaged_fit
+job.Job.fit = sabotaged_fit
 
 if __name__ == "__main__":
     from tokenclean.__main__ import main

@@ -10,9 +10,8 @@ import os
 import signal
 import sys
 
-import tokenclean.checkpoints
-import tokenclean.pipeline
-import tokenclean.ragged
+import tokenclean.models
+import tokenclean.rundir
 import tokenclean.train
 
 kind, _, arg = os.environ["KILL_AT"].partition(":")
@@ -46,9 +45,9 @@ elif kind == "checkpoint":
             if os.path.basename(str(dst)) == arg or str(dst).endswith("/" + arg):
                 die()
             return real_replace(src, dst)
-    tokenclean.checkpoints.os = _OS()
+    tokenclean.models.os = _OS()
 elif kind in ("array", "manifest"):
-    real_atomic = tokenclean.ragged.atomic_write_text
+    real_atomic = tokenclean.rundir.atomic_write_text
 
     def atomic_and_die(path, text):
         if kind == "array" and str(path).endswith(f"/{arg}.json"):
@@ -58,8 +57,7 @@ elif kind in ("array", "manifest"):
                 f.write(text[: len(text) // 2])
             die()
         return real_atomic(path, text)
-    tokenclean.ragged.atomic_write_text = atomic_and_die
-    tokenclean.pipeline.atomic_write_text = atomic_and_die
+    tokenclean.rundir.atomic_write_text = atomic_and_die
 else:
     raise SystemExit(f"unknown KILL_AT {kind!r}")
 

@@ -171,7 +171,8 @@ class Job:
         if self.run.done("base_losses"):
             return
         with self.run.stage("base_losses"):
-            every = Examples(Ragged.concat([p.input_ids for _, p in parts]), Ragged.concat([p.target for _, p in parts]))
+            every = Examples(Ragged.concat([p.input_ids for _, p in parts]),
+                             Ragged.concat([p.target for _, p in parts]))
             out = self.losses(model, every, "base losses", entropy=self.scorer.base_entropy and self.scored)
             out = out if isinstance(out, tuple) else (out,)
             lo = 0

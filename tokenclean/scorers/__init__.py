@@ -56,7 +56,7 @@ class Scorer:
     base_entropy: bool = False          # ... and the base's predictive entropy (computed in the same pass)
     online: bool = False                # ranks tokens per training batch (online.OnlineSelector), not once
     pipelines: tuple = ("fixed", "self_evolving")
-    reasons: tuple = ()                 # (label, rel path of a bool array marking tokens it calls noise), for the report
+    reasons: tuple = ()                 # (label, rel path of a bool array of the tokens it calls noise): the report
     score: Callable[[Signals], Scored] | None = None       # offline scorers
     cached: str = "base"                # online scorers: the losses cached once, "base" or "reference" ...
     online_score: Callable | None = None  # ... and score(cached, current) per batch (float64 arrays)

