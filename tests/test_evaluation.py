@@ -150,6 +150,55 @@ def test_include_path_adds_a_task(tmp_path):
         check_tasks(["sciq"], include_path=tmp_path / "missing")
 
 
+# our task -> lm-eval's own config of it, and the fields we deliberately changed (the data, and what follows from it)
+LM_EVAL_CONFIGS = {
+    "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml", "sciq": "sciq/sciq.yaml",
+    "boolq": "super_glue/boolq/default.yaml", "copa": "super_glue/copa/default.yaml", "piqa": "piqa/piqa.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml", "openbookqa": "openbookqa/openbookqa.yaml",
+    "winogrande": "winogrande/default.yaml", "commonsense_qa": "commonsense_qa/default.yaml",
+    "social_iqa": "siqa/siqa.yaml",
+    **{p.stem: f"mmlu/default/{p.name}" for p in (TASKS_DIR / "mmlu").glob("mmlu_*.yaml")},
+}
+OURS_ONLY = {"custom_dataset", "dataset_kwargs", "dataset_path", "dataset_name", "training_split", "test_split",
+             "num_fewshot", "tag", "metadata"}
+
+
+def raw_config(path: Path) -> dict:
+    """A task YAML as written, its includes merged, `!function f` read as the dotted name of f."""
+    import lm_eval
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+    rel = path.parent.relative_to(Path(lm_eval.__file__).parent / "tasks") if "lm_eval" in path.parts else None
+    Loader.add_constructor("!function", lambda loader, node: (f"lm_eval.tasks.{'.'.join(rel.parts)}." if rel else "")
+                           + loader.construct_scalar(node))
+    cfg = yaml.load(path.read_text(), Loader=Loader)
+    include = cfg.pop("include", None)
+    return {**(raw_config(path.parent / include) if include else {}), **cfg}
+
+
+def test_configs_mirror_lm_evals_own():
+    import lm_eval
+
+    builtin = Path(lm_eval.__file__).parent / "tasks"
+    assert set(LM_EVAL_CONFIGS) - {n for n in LM_EVAL_CONFIGS if n.startswith("mmlu_")} == set(OFFLINE_TASKS) - {"mmlu"}
+    assert len(LM_EVAL_CONFIGS) == 11 + 57
+    for task, rel in LM_EVAL_CONFIGS.items():
+        ours = raw_config(TASKS_DIR / ("mmlu" if task.startswith("mmlu_") else "") / f"{task}.yaml")
+        theirs = raw_config(builtin / rel)
+        if task == "boolq":  # google/boolq's bool `answer` is super_glue's `label`
+            assert (ours.pop("doc_to_target"), theirs.pop("doc_to_target")) == ("{{answer|int}}", "label")
+        metrics = [{k: v for k, v in m.items() if k == "metric"} for m in theirs.pop("metric_list")]
+        assert [{"metric": m["metric"]} for m in ours.pop("metric_list")] == metrics, task
+        for key in OURS_ONLY:
+            ours.pop(key, None), theirs.pop(key, None)
+        assert ours == theirs, task
+    for group in ("_mmlu.yaml", "_mmlu_humanities.yaml", "_mmlu_other.yaml", "_mmlu_social_sciences.yaml",
+                  "_mmlu_stem.yaml"):
+        assert raw_config(TASKS_DIR / "mmlu" / group) == raw_config(builtin / "mmlu/default" / group), group
+
+
 def test_mmlu_prompt_is_five_shot_from_dev():
     from datasets import load_from_disk
 

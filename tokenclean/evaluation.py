@@ -59,7 +59,8 @@ def check_tasks(tasks, include_path=None, data_root=None):
 def evaluate(model_dir, tasks, *, limit=None, num_fewshot=None, batch_size=8, device="cpu", dtype="float32",
              seed=1234, include_path=None, data_root=None) -> dict:
     """{task: {"acc", "acc_norm" (where lm-eval reports it), "n"}, "average": {"acc"}}, "average" over the tasks asked
-    for (a group such as mmlu counts once, with lm-eval's size-weighted acc over its subjects).
+    for (a group such as mmlu counts once, with lm-eval's size-weighted acc over its subjects). A task of your own
+    (include_path) may report other metrics: they come under their lm-eval names, e.g. "exact_match,strict-match".
 
     limit: the first `limit` documents of each task (of each subject, for mmlu). num_fewshot: None = each task's own
     default (mmlu 5-shot, the rest 0-shot: only mmlu ships a few-shot split)."""
@@ -102,11 +103,13 @@ def summarize(out: dict, tasks) -> dict:
         return counts[name]["effective"] if name in counts else sum(n_docs(c) for c in children[name])
 
     summary = {}
-    for task in tasks:
-        r = results[task]
-        summary[task] = {k: float(r[f"{k},none"]) for k in ("acc", "acc_norm") if f"{k},none" in r}
+    for task in tasks:  # lm-eval's keys are "<metric>,<filter>"; ours (acc, acc_norm) use the "none" filter
+        summary[task] = {k.removesuffix(",none"): float(v) for k, v in results[task].items()
+                         if "," in k and "_stderr," not in k and isinstance(v, (int, float))}
         summary[task]["n"] = int(n_docs(task))
-    summary["average"] = {"acc": math.fsum(summary[t]["acc"] for t in tasks) / len(tasks)}
+    accs = [summary[t]["acc"] for t in tasks if "acc" in summary[t]]  # an include_path task may report others only
+    if accs:
+        summary["average"] = {"acc": math.fsum(accs) / len(accs)}
     return summary
 
 
