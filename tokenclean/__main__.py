@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -46,7 +47,7 @@ def _setup_logging() -> None:
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
 def app(cfg: DictConfig) -> None:
-    from tokenclean import scorers
+    from tokenclean import rundir, scorers
     from tokenclean.config import ConfigError, validate
     from tokenclean.data import DataError
 
@@ -58,11 +59,36 @@ def app(cfg: DictConfig) -> None:
         from tokenclean import pipelines
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         job, summary = pipelines.run(typed, run_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-    except (ConfigError, DataError) as e:
-        print(f"tokenclean: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (ConfigError, DataError, rundir.RunDirError) as e:
+        fail(2, f"error: {e}")
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        fail(1, f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}; {WRITE_ERRORS[e.errno]}. {_where()}")
+    except KeyboardInterrupt:
+        fail(130, f"interrupted. {_where()}")
+    finally:
+        rundir.end_run()
     if job.acc.is_main_process:
         print(format_summary(summary))
+
+
+# what the OS says when a disk fills or a path cannot be written: one line (the path, the way out), no traceback
+PERMISSIONS = "check its permissions (the run directory must be writable: else choose another, hydra.run.dir=...)"
+WRITE_ERRORS = {errno.ENOSPC: "free some space there", errno.EDQUOT: "free some space there (disk quota)",
+                errno.EACCES: PERMISSIONS, errno.EPERM: PERMISSIONS,
+                errno.EROFS: "that filesystem is read-only: choose another run directory (hydra.run.dir=...)"}
+
+
+def _where() -> str:
+    from tokenclean.rundir import RunDir
+    return RunDir.active.where() if RunDir.active else "Then run the same command again."
+
+
+def fail(code: int, message: str) -> None:
+    """One line on stderr, no traceback: what is wrong and the way out."""
+    print(f"tokenclean: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(code)
 
 
 def format_summary(s: dict) -> str:
@@ -81,6 +107,11 @@ def format_summary(s: dict) -> str:
     ]
     if s.get("eval_loss_reference") is not None:
         lines.append(f"  held-out loss reference  {f(s['eval_loss_reference'])}")
+    tasks = s.get("tasks") or {}
+    for task, after in (tasks.get("final") or {}).items():
+        before = tasks["base"][task]["acc"]
+        lines.append(f"  {'task ' + task:<24} {before:.4f} (base) -> {after['acc']:.4f} (cleaned) accuracy"
+                     + (f", {after['n']} documents" if "n" in after else ""))
     t = s.get("truncation", {})
     if t.get("examples"):
         lines.append(f"  truncated                {t['examples']} examples, {t['target_tokens']} response tokens lost")

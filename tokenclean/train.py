@@ -9,15 +9,29 @@ number of kept tokens in the WHOLE step (all micro-batches, all ranks; for soft 
 sum of the step's weights), then scaled back for the averaging that DDP/DeepSpeed and accumulation do. So micro 8 x
 accumulation 1 on one process, 2 x 4, or 2 ranks x 4 all give the same gradient: the mean over the step's kept
 tokens.
+
+Resuming and stopping. With `Checkpoints`, fit saves the stage's resumable state every `every` steps: the trainable
+weights (LoRA adapters only), the optimiser and schedule, every random stream, the online selector's decisions and
+the step index. A rerun of the stage loads the newest and continues with the same plan of steps, so it ends with the
+weights an uninterrupted run ends with (bitwise on one process). SIGTERM or SIGINT during training stop every rank
+at the next step boundary (the ranks agree through the all-reduce each step does anyway), save the state and exit
+with PREEMPTED_EXIT.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +43,7 @@ from tokenclean.config import TrainingConfig
 from tokenclean.dist import batch_or_placeholder
 from tokenclean.losses import TokenLoss, collate
 from tokenclean.ragged import Ragged
+from tokenclean.rundir import fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +141,195 @@ def prepare(accelerator, lm: torch.nn.Module, n_examples: int, cfg: TrainingConf
     return Prepared(model, optimizer, scheduler, steps, n_micro, is_deepspeed)
 
 
+# -- resumable state -------------------------------------------------------------------------------------------------
+PREEMPTED_EXIT = 75   # EX_TEMPFAIL (sysexits.h): stopped on request with the state saved; rerun the same command
+ONLINE_SHARED = ("scores", "keep", "kept_times", "prepasses", "trained", "_step_i")   # OnlineSelector's decisions
+ONLINE_PER_RANK = ("_events",)   # micro scope on several ranks: each rank's own, shared only at the end
+
+
+class Preempted(SystemExit):
+    """Raised on every rank once SIGTERM/SIGINT stopped training and its state is saved. A SystemExit, so that
+    nothing on the way up takes it for a failure (no stage is recorded, no traceback) and the process exits with
+    PREEMPTED_EXIT."""
+
+    def __init__(self, message: str):
+        super().__init__(PREEMPTED_EXIT)
+        self.message = message
+
+
+@dataclass
+class Checkpoints:
+    """Where fit keeps a stage's resumable state: <dir>/step_000040/ every `every` steps (0: only when stopped by a
+    signal), the newest `keep` of them. extra(): the caller's own counters, saved with each state for the record."""
+    dir: Path
+    every: int = 0
+    keep: int = 2
+    extra: Callable[[], dict] = dict
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False)   # our own files: numpy/python RNG states
+
+
+def _trainable(accelerator, p: Prepared) -> dict:
+    return {n: t for n, t in accelerator.unwrap_model(p.model).named_parameters() if t.requires_grad}
+
+
+def save_state(accelerator, p: Prepared, ck: Checkpoints, step: int, stats: dict, online=None) -> Path:
+    """Save the state after `step` steps as <dir>/step_<step>/: written under a temporary name by every rank, each
+    rank's files fsynced, then published by one rename (a reader sees a whole state or none) and the oldest
+    pruned. Leaves the random streams as they were, so saving never changes what training does next."""
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    final = ck.dir / f"step_{step:06d}"
+    tmp = ck.dir / f".{final.name}.tmp"
+    rng = rng_state()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)   # left by a process killed while saving
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if p.is_deepspeed:   # collective: every rank writes its shards of the weights and optimiser
+        p.model.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
+    elif main:           # every rank holds the same weights and optimiser state
+        _save({n: t.detach().cpu() for n, t in _trainable(accelerator, p).items()}, tmp / "model.pt")
+        _save(p.optimizer.state_dict(), tmp / "optimizer.pt")
+    if main:
+        _save({"step": step, "n_steps": len(p.steps), "world": accelerator.num_processes, "stats": stats,
+               "scheduler": p.scheduler.state_dict(), "extra": ck.extra(),
+               "online": {k: getattr(online, k) for k in ONLINE_SHARED} if online is not None else None},
+              tmp / "trainer.pt")
+    _save({"rng": rng, "online": {k: getattr(online, k) for k in ONLINE_PER_RANK} if online is not None else None},
+          tmp / f"rank_{rank}.pt")
+    fsync_tree(tmp)
+    accelerator.wait_for_everyone()
+    if main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fd = os.open(ck.dir, os.O_RDONLY)   # the rename itself must survive a crash
+        os.fsync(fd)
+        os.close(fd)
+        for old in sorted(ck.dir.glob("step_*"))[:-ck.keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    set_rng_state(rng)
+    return final
+
+
+def load_state(accelerator, p: Prepared, ck: Checkpoints, online=None) -> tuple[int, dict | None]:
+    """Load the newest saved state into p (and the online selector): (steps done, the stats so far), or (0, None)
+    when there is none."""
+    from accelerate.utils import broadcast_object_list
+    saved = sorted(ck.dir.glob("step_*")) if accelerator.is_main_process else None
+    saved = broadcast_object_list([saved])[0] if accelerator.num_processes > 1 else saved   # one choice for all
+    if not saved:
+        return 0, None
+    path = saved[-1]
+    trainer = _load(path / "trainer.pt")
+    if trainer["world"] != accelerator.num_processes or trainer["n_steps"] != len(p.steps):
+        if accelerator.is_main_process:
+            log.warning("%s was saved by %d processes (plan of %d steps); this run has %d (%d steps): starting the "
+                        "stage over", path, trainer["world"], trainer["n_steps"], accelerator.num_processes,
+                        len(p.steps))
+        return 0, None
+    if p.is_deepspeed:
+        p.model.load_checkpoint(str(path), tag="deepspeed", load_lr_scheduler_states=False,
+                                load_module_strict=not any(not t.requires_grad for t in p.model.parameters()))
+    else:
+        weights = _load(path / "model.pt")
+        params = _trainable(accelerator, p)
+        assert weights.keys() == params.keys(), f"{path}: other trainable parameters than this model's"
+        with torch.no_grad():
+            for n, t in params.items():
+                t.copy_(weights[n])
+        p.optimizer.load_state_dict(_load(path / "optimizer.pt"))
+    p.scheduler.load_state_dict(trainer["scheduler"])
+    for group, lr in zip(p.scheduler.optimizer.param_groups, p.scheduler.get_last_lr()):
+        group["lr"] = lr
+    mine = _load(path / f"rank_{accelerator.process_index}.pt")
+    if online is not None:
+        for k, v in {**trainer["online"], **mine["online"]}.items():
+            setattr(online, k, v)
+    set_rng_state(mine["rng"])   # last: nothing above may draw from the restored streams
+    if accelerator.is_main_process:
+        log.info("resuming %s after step %d of %d (%s)", ck.dir.name.removesuffix(".state"), trainer["step"],
+                 len(p.steps), path)
+    return trainer["step"], trainer["stats"]
+
+
+def remove_states(accelerator, ck: Checkpoints) -> None:
+    """Drop a stage's saved states once nothing needs to resume it."""
+    if accelerator.is_main_process:
+        shutil.rmtree(ck.dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+class StopSignals:
+    """While training, SIGTERM and SIGINT ask for a stop at the next step boundary instead of killing the process.
+    A second SIGINT interrupts at once (Ctrl-C twice); a repeated SIGTERM is ignored: under accelerate launch,
+    torchrun passes SLURM's SIGTERM on to a worker that got it already. A signal that arrives after the last
+    boundary is delivered again on exit, as if we had never caught it."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, verbose: bool = True):
+        self.received, self.previous, self.verbose = None, {}, verbose
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():   # Python allows handlers there only
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, sig, frame) -> None:
+        if sig == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received = signal.Signals(sig)
+            if self.verbose:
+                print(f"tokenclean: {self.received.name} received: stopping at the end of this training step",
+                      file=sys.stderr, flush=True)
+
+    def __exit__(self, exc_type, *_):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if self.received is not None and exc_type is None:
+            signal.raise_signal(self.received)
+
+
 def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: TrainingConfig, pad_id: int,
-        on_step=None, desc: str = "train", online: OnlineHook | None = None) -> dict:
+        on_step=None, desc: str = "train", online: OnlineHook | None = None,
+        checkpoints: Checkpoints | None = None) -> dict:
     """Run every planned step on the kept tokens (`keep`: a bool mask, or float weights). on_step(step, metrics)
     is called on every rank after each step.
 
     online (`keep` is then the response mask of the candidates): each step's kept tokens are chosen from the
-    current model while training (Rho-1, online self-evolving); the loss is still normalised exactly."""
+    current model while training (Rho-1, online self-evolving); the loss is still normalised exactly.
+
+    checkpoints: resume from the newest state saved there, save one every `every` steps, and stop (saved) on
+    SIGTERM/SIGINT by raising Preempted (see the module's docstring)."""
+    with StopSignals(accelerator.is_main_process) if checkpoints else contextlib.nullcontext() as stop:
+        return _fit(accelerator, p, input_ids, keep, cfg, pad_id, on_step, desc, online, checkpoints, stop)
+
+
+def _fit(accelerator, p, input_ids, keep, cfg, pad_id, on_step, desc, online, checkpoints, stop) -> dict:
     world, rank = accelerator.num_processes, accelerator.process_index
     model, optimizer, scheduler = p.model, p.optimizer, p.scheduler
     model.train()
@@ -141,9 +338,12 @@ def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: Training
     kept_per_example = keep.row_sums()
 
     stats = {"steps": len(p.steps), "train_loss": [], "tokens": 0, "seconds": 0.0}
-    t0 = time.perf_counter()
-    bar = tqdm(p.steps, desc=desc, disable=not accelerator.is_local_main_process, unit="step")
-    for step_i, step in enumerate(bar):
+    start, saved = load_state(accelerator, p, checkpoints, online) if checkpoints else (0, None)
+    stats.update(saved or {})
+    t0 = time.perf_counter() - stats["seconds"]
+    bar = tqdm(p.steps[start:], desc=desc, disable=not accelerator.is_local_main_process, unit="step",
+               initial=start, total=len(p.steps))
+    for step_i, step in enumerate(bar, start):
         n_kept = kept_per_example[step].sum().item()
         loss_sum = torch.zeros((), device=accelerator.device)
         micro, mask_src = micro_batches(step, rank, world, cfg.micro_batch_size, p.n_micro), keep
@@ -151,7 +351,7 @@ def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: Training
             mask_src, n_kept = online.begin_step(accelerator, model, step, micro, p.n_micro, cfg.micro_batch_size,
                                                  input_ids, pad_id)
         for m_i, idx in enumerate(micro):
-            batch = batch_or_placeholder(lambda i, m=mask_src: collate(input_ids, m, i, pad_id), idx, step[:1])
+            batch = batch_or_placeholder(lambda i, m=mask_src: collate(input_ids, m, i, packed=True), idx, step[:1])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             weights = batch.pop("weights", None)
             sync = m_i == p.n_micro - 1
@@ -176,7 +376,10 @@ def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: Training
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step_loss = accelerator.reduce(loss_sum, "sum").item() / normaliser(n_kept)
+        # the step's loss and whether any rank was asked to stop, in the one all-reduce a step does
+        asked = float(stop is not None and stop.received is not None)
+        loss_sum, asked = accelerator.reduce(torch.stack([loss_sum, loss_sum.new_tensor(asked)]), "sum").tolist()
+        step_loss = loss_sum / normaliser(n_kept)
         stats["train_loss"].append(step_loss)
         stats["tokens"] += n_kept
         if accelerator.is_local_main_process:
@@ -186,6 +389,16 @@ def fit(accelerator, p: Prepared, input_ids: Ragged, keep: Ragged, cfg: Training
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
             on_step(step_i, metrics)
+        if checkpoints and (asked or (checkpoints.every and (step_i + 1) % checkpoints.every == 0)):
+            stats["seconds"] = time.perf_counter() - t0
+            path = save_state(accelerator, p, checkpoints, step_i + 1, stats, online)
+            if asked:
+                where = f"step {step_i + 1} of {len(p.steps)} of {desc}"
+                if accelerator.is_main_process:
+                    by = stop.received.name if stop.received else "a signal to another rank"
+                    print(f"tokenclean: stopped by {by} after {where}; its state is saved in {path}. Run the same "
+                          f"command again to resume (exit code {PREEMPTED_EXIT}).", file=sys.stderr, flush=True)
+                raise Preempted(f"stopped after {where}")
     stats["seconds"] = time.perf_counter() - t0
     stats["tokens_per_second"] = stats["tokens"] / max(stats["seconds"], 1e-9)
     return stats

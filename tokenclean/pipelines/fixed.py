@@ -8,15 +8,19 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from tokenclean import selection
 from tokenclean.pipelines.job import Job
 
 BASE = "losses/base"
+# training keys that never change the reference's weights (logging, resumable states): not in its cache key
+BOOKKEEPING = ("log_every", "save_every", "keep_checkpoints")
 
 
 def run(job: Job) -> tuple[dict, list]:
+    job.evaluate_base_tasks()
     if job.scored and job.scorer.needs_reference and not job.run.done("reference"):
         train_reference(job)
     if not job.run.done("select"):
@@ -27,17 +31,34 @@ def run(job: Job) -> tuple[dict, list]:
 
 
 def train_reference(job: Job) -> None:
-    d = job.data
-    with job.run.stage("reference") as st:
+    """The reference, its losses on the pool and its metrics, or the same from the score cache: they depend on the
+    base, the warm-up set, the pool, the held-out set and the training recipe, never on the selection."""
+    d, cfg = job.data, job.cfg
+
+    def train() -> dict:
+        info = {}
         model = job.train_model(job.base_dir, "reference", len(d.warmup))
-        st.info["eval_base"] = job.evaluate(model.model, "base")
+        info["eval_base"] = job.evaluate(model.model, "base")
         job.base_signals(model.model, [(BASE, d.train)])
-        st.info.update(job.fit(model, d.warmup, d.warmup.target, "reference"))
+        info.update(job.fit(model, d.warmup, d.warmup.target, "reference"))
         started = time.perf_counter()
         job.save_array(job.losses(model.model, d.train, "reference losses"), "losses/reference")
-        st.info["score_seconds"] = round(time.perf_counter() - started, 2)
-        st.info["eval_reference"] = job.evaluate(model.model, "reference")
+        info["score_seconds"] = round(time.perf_counter() - started, 2)
+        info["eval_reference"] = job.evaluate(model.model, "reference")
         job.save_model(model, "reference", job.base_dir)
+        return info
+
+    training = {k: v for k, v in dataclasses.asdict(cfg.training).items() if k not in BOOKKEEPING}
+    inputs = job.cache_inputs(warmup=d.warmup.fingerprint(), pool=d.train.fingerprint(),
+                              eval=d.eval.fingerprint() if d.eval else None, seed=cfg.seed, training=training)
+    with job.run.stage("reference") as st:
+        st.info.update(job.cached_stage("reference", inputs, {"reference_losses": "losses/reference"},
+                                        ("reference",), train))
+        if st.info.get("cached"):
+            job.global_step += st.info["steps"]   # as if trained here: later stages log on the same step axis
+            job.run.data["global_step"] = job.global_step
+            job.base_signals(lambda: job.scoring_model(job.base_dir), [(BASE, d.train)])   # unless cached too
+        st.info["tasks"] = job.evaluate_tasks(job.run.path / "reference", "reference")
 
 
 def select(job: Job) -> None:
@@ -49,7 +70,7 @@ def select(job: Job) -> None:
         scored = None
         if job.scored:
             if (scorer.uses_base or scorer.base_entropy) and not job.run.done("base_losses"):
-                job.base_signals(job.scoring_model(job.base_dir), [(BASE, d.train)])
+                job.base_signals(lambda: job.scoring_model(job.base_dir), [(BASE, d.train)])
             scored = scorer.score(job.signals(d.train, BASE, "losses/reference" if scorer.needs_reference else None))
             st.info.update(scored.info)
         keep = job.decide(scored, d.train.target, job.cfg.seed)
@@ -76,6 +97,7 @@ def train_final(job: Job) -> None:
             st.info.update(selection.summary(job.load_array("keep"), d.train.target))
         st.info["eval_final"] = job.evaluate(model.model, "final")
         job.save_model(model, "final", job.base_dir)
+        st.info["tasks"] = job.evaluate_tasks(job.run.path / "final", "final")
 
 
 def summarize(job: Job) -> dict:
@@ -90,4 +112,8 @@ def summarize(job: Job) -> dict:
            "eval_loss_after": fin["eval_final"].get("eval_loss"), "checkpoint": str(run.path / "final")}
     if run.done("reference"):
         out["eval_loss_reference"] = run.get("reference")["eval_reference"].get("eval_loss")
+    if job.cfg.eval.tasks:
+        out["tasks"] = {"base": run.get("base_tasks")["tasks"], "final": fin["tasks"]}
+        if run.done("reference"):
+            out["tasks"]["reference"] = run.get("reference")["tasks"]
     return out

@@ -21,7 +21,7 @@ import torch
 
 from tokenclean import scorers, selection
 from tokenclean.config import Config
-from tokenclean.data import Examples, read_records, split_indices, tokenize, tokenizer_fingerprint
+from tokenclean.data import Examples, read_conversations, split_indices, tokenize, tokenizer_fingerprint
 from tokenclean.ragged import Ragged
 from tokenclean.rundir import RunDir, atomic_write_text, fingerprint
 
@@ -38,12 +38,14 @@ class Data:
 
 
 def read_data(cfg: Config) -> tuple[dict, int]:
-    """Every record, read and validated before any model loads: {"train"|"warmup"|"eval": records}, skipped."""
+    """Every record, read and validated before any model loads: {"train"|"warmup"|"eval": Conversations (compact,
+    streamed from the file)}, skipped."""
     d, records, skipped = cfg.data, {}, 0
     sources = {"train": d.train, "warmup": d.warmup if cfg.pipeline.name == "fixed" else None, "eval": d.eval}
     for split, source in sources.items():
         if source is not None:
-            records[split], s = read_records(source, d.format, d.on_error, d.limit if split == "train" else None)
+            records[split], s = read_conversations(source, d.format, d.on_error,
+                                                   d.limit if split == "train" else None)
             skipped += s
     return records, skipped
 
@@ -76,6 +78,17 @@ def tokenize_data(cfg: Config, records: dict, skipped: int, tokenizer) -> Data:
     return Data(pool, warmup, eval_set, truncation, skipped)
 
 
+def check_eval_tasks(cfg: Config) -> None:
+    """A task with no offline data fails here, before any model loads, saying how to point it at local files."""
+    from tokenclean import evaluation
+    from tokenclean.config import ConfigError
+    if cfg.eval.tasks:
+        try:
+            evaluation.check_tasks(list(cfg.eval.tasks), cfg.eval.include_path, cfg.eval.data_root)
+        except evaluation.EvalError as e:
+            raise ConfigError(f"eval.tasks={list(cfg.eval.tasks)}: {e}") from None
+
+
 class Job:
     def __init__(self, cfg: Config, run_dir: Path, config_dict: dict):
         from tokenclean.assets import resolve_model
@@ -84,6 +97,7 @@ class Job:
         from tokenclean.tracking import Tracker
 
         self.cfg, self.scorer = cfg, scorers.get(cfg.scorer.name)
+        check_eval_tasks(cfg)
         self.scored = cfg.selection.method not in ("all", "random")   # the baselines run no scorer
         records, skipped = read_data(cfg)
         # a built-in model is built (once, cached) before the Accelerator exists: under ZeRO-3 every model
@@ -128,16 +142,22 @@ class Job:
 
     def fit(self, prepared, examples: Examples, keep: Ragged, stage: str, round_index: int | None = None,
             online=None) -> dict:
-        from tokenclean.train import fit
-        n_steps = len(prepared.steps)
+        """Train a stage, resuming from its last saved state (<run>/<stage>.state/, train.Checkpoints) if an earlier
+        run of it was stopped or killed; its saved states are removed once its training is done."""
+        from tokenclean.train import Checkpoints, fit, remove_states
+        t, n_steps, start = self.cfg.training, len(prepared.steps), self.global_step
 
         def on_step(step, metrics):
-            self.global_step += 1
-            if step % self.cfg.training.log_every == 0 or step == n_steps - 1:
+            self.global_step = start + step + 1   # from the step index: right in a stage resumed half-way too
+            if step % t.log_every == 0 or step == n_steps - 1:
                 self.tracker.log(metrics, stage=stage, round=round_index, **{"train/step": self.global_step})
 
-        stats = fit(self.acc, prepared, examples.input_ids, keep, self.cfg.training, self.pad_id, on_step,
-                    desc=stage, online=online)
+        checkpoints = Checkpoints(self.run.path / f"{stage}.state", t.save_every, t.keep_checkpoints,
+                                  extra=lambda: {"global_step": self.global_step})
+        stats = fit(self.acc, prepared, examples.input_ids, keep, t, self.pad_id, on_step, desc=stage, online=online,
+                    checkpoints=checkpoints)
+        remove_states(self.acc, checkpoints)
+        self.global_step = start + n_steps
         self.run.data["global_step"] = self.global_step
         last = round(float(stats["train_loss"][-1]), 5) if stats["train_loss"] else None
         return {"train_seconds": round(stats["seconds"], 2), "steps": stats["steps"], "final_train_loss": last,
@@ -167,20 +187,34 @@ class Job:
     def base_signals(self, model, parts: list[tuple[str, Examples]]) -> None:
         """The one producer of base-model signals: per-token losses of the untouched base (and its predictive
         entropies, when the scorer reads them) on every part, once per run (stage base_losses), stored at each
-        part's rel path (entropies at the same path with 'losses' -> 'entropy')."""
+        part's rel path (entropies at the same path with 'losses' -> 'entropy'). `model` may be a function that
+        builds it: a hit in the score cache (tokenclean/cache.py) then loads no model."""
         if self.run.done("base_losses"):
             return
-        with self.run.stage("base_losses"):
+        entropy = self.scorer.base_entropy and self.scored
+        kinds = ("losses", "entropy") if entropy else ("losses",)
+        arrays = {f"part{i}.{kind}": rel.replace("losses", kind) for i, (rel, _) in enumerate(parts) for kind in kinds}
+        t = self.cfg.training
+        # every part is scored in one pass (its batches mix the parts), so the key is the parts, in order
+        inputs = self.cache_inputs(parts=[p.fingerprint() for _, p in parts], entropy=entropy,
+                                   score_batch_size=t.score_batch_size, loss_chunk_size=t.loss_chunk_size)
+
+        def compute() -> dict:
             every = Examples(Ragged.concat([p.input_ids for _, p in parts]),
                              Ragged.concat([p.target for _, p in parts]))
-            out = self.losses(model, every, "base losses", entropy=self.scorer.base_entropy and self.scored)
+            out = self.losses(model if isinstance(model, torch.nn.Module) else model(), every, "base losses",
+                              entropy=entropy)
             out = out if isinstance(out, tuple) else (out,)
             lo = 0
             for rel, part in parts:
                 rows = range(lo, lo + len(part))
-                for kind, array in zip(("losses", "entropy"), out):
+                for kind, array in zip(kinds, out):
                     self.save_array(array.select(rows), rel.replace("losses", kind))
                 lo += len(part)
+            return {}
+
+        with self.run.stage("base_losses") as st:
+            st.info.update(self.cached_stage("base_losses", inputs, arrays, (), compute))
 
     def signals(self, examples: Examples, base: str, reference: Ragged | str | None = None) -> scorers.Signals:
         """What an offline scorer reads for `examples`: the stored base signals at rel path `base`, and the
@@ -250,6 +284,31 @@ class Job:
                          **{"train/step": self.global_step})
         return out
 
+    def evaluate_tasks(self, checkpoint, label: str, round_index: int | None = None) -> dict:
+        """Task accuracy of the HF checkpoint at `checkpoint` with lm-evaluation-harness on local data (eval.tasks;
+        {} when there are none). Every rank takes part (lm-eval splits the requests over the ranks, each with a
+        whole copy of the model); the scores go to metrics.jsonl / wandb with `round` as their x-axis."""
+        from tokenclean import evaluation
+        from tokenclean.dist import gather, not_sharded
+        e = self.cfg.eval
+        if not e.tasks:
+            return {}
+        dtype = "bfloat16" if self.acc.mixed_precision == "bf16" and torch.cuda.is_available() else "float32"
+        with not_sharded(self.acc):
+            scores = evaluation.evaluate(str(checkpoint), list(e.tasks), limit=e.limit, num_fewshot=e.num_fewshot,
+                                         batch_size=e.batch_size, device=str(self.acc.device), dtype=dtype,
+                                         seed=self.cfg.seed, include_path=e.include_path, data_root=e.data_root)
+        scores = gather(self.acc, [scores if self.acc.is_main_process else None])[0]
+        self.tracker.log({f"task/{t}/{k}": v for t, r in scores.items() for k, v in r.items() if k != "n"},
+                         stage=label, round=round_index, **{"train/step": self.global_step})
+        return scores
+
+    def evaluate_base_tasks(self) -> None:
+        """The base model's task accuracy, once per run (stage base_tasks), beside every later one."""
+        if self.cfg.eval.tasks and not self.run.done("base_tasks"):
+            with self.run.stage("base_tasks") as st:
+                st.info["tasks"] = self.evaluate_tasks(self.base_dir, "base", 0)
+
     def round_metrics(self, round_index: int, scores: Ragged | None, keep: Ragged, target: Ragged, **extra) -> dict:
         m = selection.summary(keep, target)
         if scores is not None:
@@ -260,6 +319,72 @@ class Job:
         m.update(extra)
         self.tracker.log({f"round/{k}": v for k, v in m.items() if isinstance(v, (int, float))}, round=round_index)
         return m
+
+
+    # -- the score cache (tokenclean/cache.py) -----------------------------------------------------------------------
+    def cache_inputs(self, **inputs) -> dict:
+        """A cache key's inputs: `inputs` and what every cached stage depends on: the base model and tokenizer, the
+        model group, tokenization, and the compute environment (precision, device, processes, library versions),
+        since any of them can change the bits."""
+        import dataclasses
+        import platform
+        from importlib.metadata import PackageNotFoundError, version
+
+        def installed(package):
+            try:
+                return version(package)
+            except PackageNotFoundError:
+                return None
+
+        model = {k: v for k, v in dataclasses.asdict(self.cfg.model).items() if k != "name_or_path"}  # base_fp names it
+        device = self.acc.device
+        env = {"mixed_precision": str(self.acc.mixed_precision), "distributed": str(self.acc.distributed_type),
+               "processes": self.acc.num_processes,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}",
+               "versions": {p: installed(p) for p in ("torch", "transformers", "peft", "accelerate", "deepspeed")}}
+        return {"base_model": self.base_fp, "tokenizer": self.tokenizer_fp, "model": model,
+                "data": {"max_length": self.cfg.data.max_length, "template": self.cfg.data.template}, "env": env,
+                **inputs}
+
+    def cached_stage(self, kind: str, inputs: dict, arrays: dict[str, str], dirs: tuple[str, ...], compute) -> dict:
+        """compute() writes `arrays` (entry name -> rel path) and `dirs` (rel paths) in the run directory and returns
+        the stage's info; unless the score cache holds an entry for `inputs`: then its files are linked into the run
+        directory instead and its stored info is returned. Either way the info records `cached` and `cache_key`.
+        Rank 0 alone reads and writes the cache and tells the others what it found."""
+        if not self.cfg.cache:
+            return compute()
+        from tokenclean.assets import cache_root
+        from tokenclean.cache import ScoreCache
+        cache, run, main = ScoreCache(cache_root() / "scores"), self.run.path, self.acc.is_main_process
+        key = cache.key(kind, inputs)
+        info = None
+        if main:
+            dest = {**{f"{name}.": f"{run / rel}." for name, rel in arrays.items()},
+                    **{f"{rel}/": f"{run / rel}/" for rel in dirs}}
+            info = cache.restore(key, dest)
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+            info = broadcast_object_list([info])[0]
+        if info is not None:
+            for rel in arrays.values():   # each array's sidecar, written last, holds this run's fingerprints
+                if main:
+                    Ragged.write_meta(run / rel, self.array_meta(rel))
+                if self.run.running:      # listed with the stage, as save_array does
+                    self.run.running[-1].arrays.append(rel)
+            self.acc.wait_for_everyone()
+            return {**info, "cached": True, "cache_key": key.name}
+        info = compute()
+        if main:
+            files = {f"{name}.{part}.npy": run / f"{rel}.{part}.npy" for name, rel in arrays.items()
+                     for part in ("values", "offsets")}
+            files.update({f"{rel}/{f.relative_to(run / rel)}": f for rel in dirs
+                          for f in sorted((run / rel).rglob("*")) if f.is_file()})
+            try:
+                cache.put(key, files, info)
+            except OSError as e:   # e.g. a read-only shared cache: this run's results stand without it
+                log.warning("score cache: could not store %s: %s", key.name, e)
+        return {**info, "cached": False, "cache_key": key.name}
 
 
 def setup(cfg: Config, run_dir: Path, config_dict: dict) -> Job:

@@ -9,6 +9,7 @@ round t is the reference that scores chunk t+1.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -21,11 +22,20 @@ from tokenclean.train import plan_steps
 
 
 def run(job: Job) -> tuple[dict, list]:
+    job.evaluate_base_tasks()
     chunks = make_chunks(job)
     round_steps = [len(plan_steps(len(c), job.cfg.training, 0)) for c in chunks]
-    for t in range(len(chunks)):
-        if not job.run.done(f"round_{t}"):
-            train_round(job, t, chunks, round_steps)
+    # What is alive now (modules, data, config) lives to the end: frozen out of the garbage collector, the full
+    # collections each round's checkpoint runs (Job.save_model, accelerate's free_memory) scan only what the rounds
+    # create, not the whole heap (seconds per round otherwise). Memory only: nothing computed depends on it.
+    gc.collect()
+    gc.freeze()
+    try:
+        for t in range(len(chunks)):
+            if not job.run.done(f"round_{t}"):
+                train_round(job, t, chunks, round_steps)
+    finally:
+        gc.unfreeze()
     last = len(chunks) - 1
     if job.acc.is_main_process and not (job.run.path / "final").exists():
         os.symlink(f"round_{last}/model", job.run.path / "final")
@@ -76,8 +86,12 @@ def train_round(job: Job, t: int, chunks: list[Examples], round_steps: list[int]
         if selector is not None:
             st.info.update(job.finish_online(selector, f"{stage}/"))
             scores, keep = job.load_array(f"{stage}/scores"), job.load_array(f"{stage}/keep")
-        ev = job.evaluate(model.model, stage, round_index=t)
+        # the held-out loss and the task accuracy every eval.every-th round and the last (the base: always, above)
+        evaluated = t % job.cfg.eval.every == 0 or t == len(chunks) - 1
+        ev = job.evaluate(model.model, stage, round_index=t) if evaluated else {}
         job.save_model(model, f"{stage}/model", start)
+        if evaluated:
+            st.info["tasks"] = job.evaluate_tasks(job.run.path / stage / "model", stage, t)
         st.info.update(job.round_metrics(t, scores, keep, chunk.target, eval_loss=ev.get("eval_loss"),
                                          eval_ppl=ev.get("eval_ppl")))
 
@@ -103,10 +117,14 @@ def select_round(job: Job, model, stage: str, chunk: Examples):
 def summarize(job: Job, last: int) -> dict:
     rounds = [{"round": t, **job.run.get(f"round_{t}")} for t in range(last + 1)]
     kept, target = sum(r["tokens_kept"] for r in rounds), sum(r["tokens_target"] for r in rounds)
-    return {"pipeline": "self_evolving",
-            "rounds": [{k: r.get(k) for k in ("round", "tokens_target", "tokens_kept", "kept_ratio", "eval_loss")}
-                       for r in rounds],
-            "tokens_scored": sum(r["tokens_target"] for r in rounds[1:]), "tokens_target": target,
-            "tokens_kept": kept, "kept_ratio": kept / max(target, 1),
-            "eval_loss_before": rounds[0].get("eval_base", {}).get("eval_loss"),
-            "eval_loss_after": rounds[-1].get("eval_loss"), "checkpoint": str(job.run.path / f"round_{last}/model")}
+    out = {"pipeline": "self_evolving",
+           "rounds": [{k: r.get(k) for k in ("round", "tokens_target", "tokens_kept", "kept_ratio", "eval_loss")}
+                      for r in rounds],
+           "tokens_scored": sum(r["tokens_target"] for r in rounds[1:]), "tokens_target": target,
+           "tokens_kept": kept, "kept_ratio": kept / max(target, 1),
+           "eval_loss_before": rounds[0].get("eval_base", {}).get("eval_loss"),
+           "eval_loss_after": rounds[-1].get("eval_loss"), "checkpoint": str(job.run.path / f"round_{last}/model")}
+    if job.cfg.eval.tasks:
+        out["tasks"] = {"base": job.run.get("base_tasks")["tasks"], "final": rounds[-1]["tasks"],
+                        "rounds": {r["round"]: r["tasks"] for r in rounds if r.get("tasks")}}
+    return out

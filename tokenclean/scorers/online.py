@@ -149,7 +149,7 @@ class OnlineSelector:
         model.eval()
         with torch.no_grad():
             for idx in micro:
-                batch = batch_or_placeholder(lambda i: collate(input_ids, self.target, i, pad_id), idx, step[:1])
+                batch = batch_or_placeholder(lambda i: collate(input_ids, self.target, i, packed=True), idx, step[:1])
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.autocast():
                     cur = model(**batch).float().cpu()

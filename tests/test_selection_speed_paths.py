@@ -1,0 +1,163 @@
+"""The fast selection paths (tokenclean/selection.py) against the simple implementation they replaced: the same
+keep masks, bit for bit, on random data with many ties, infinities, signed zeros, empty examples and examples
+without candidates, in float32 and float64, large enough to take the sampled-band path."""
+import numpy as np
+import pytest
+
+from tokenclean import selection
+from tokenclean.ragged import Ragged
+from tokenclean.selection import keep_mask, kept_count
+
+
+# -- the simple implementation (float64 copies, lexsort), as it was before the fast paths ------------------------------
+def simple_keep_mask(scores: Ragged, target: Ragged, method: str, keep_ratio: float = 1.0, threshold=None):
+    is_target = np.asarray(target.values, dtype=bool)
+    cand = np.flatnonzero(is_target)
+    keep = np.zeros(len(is_target), dtype=bool)
+    s = np.asarray(scores.values, dtype=np.float64)[cand]
+    assert not np.isnan(s).any()
+    if method == "global":
+        keep[cand[simple_top_k(s, kept_count(len(cand), keep_ratio))]] = True
+    elif method == "sample":
+        keep[cand[simple_top_k_per_group(s, target.example_ids()[cand], keep_ratio)]] = True
+    elif method == "threshold":
+        keep[cand[s > threshold]] = True
+    return keep
+
+
+def simple_top_k(s, k):
+    n = len(s)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if k >= n:
+        return np.arange(n)
+    kth = np.partition(s, n - k)[n - k]
+    above = np.flatnonzero(s > kth)
+    ties = np.flatnonzero(s == kth)[: k - len(above)]
+    return np.sort(np.concatenate([above, ties]))
+
+
+def simple_top_k_per_group(s, group, ratio):
+    order = np.lexsort((np.arange(len(s)), -s, group))
+    sizes = np.bincount(group)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    g = group[order]
+    rank = np.arange(len(s)) - starts[g]
+    k = kept_count(sizes, ratio)
+    return np.sort(order[rank < k[g]])
+
+
+# -- random data -------------------------------------------------------------------------------------------------------
+def make(rng, n_examples, max_len, dtype, distinct=None, all_candidates=False, specials=True, off=np.nan):
+    """off: the scores off the candidates (NaN as the scorers write them, or None: numbers, which must be ignored)"""
+    lengths = rng.integers(0, max_len + 1, n_examples)
+    rows_t, rows_s = [], []
+    for n in lengths:
+        prompt = 0 if all_candidates else int(rng.integers(0, n + 1))
+        t = np.r_[np.zeros(prompt, bool), np.ones(n - prompt, bool)]
+        if not all_candidates:
+            t &= rng.random(n) < 0.9
+        s = rng.integers(0, distinct, n).astype(dtype) if distinct else rng.standard_normal(n).astype(dtype)
+        if specials and n:
+            pick = rng.random(n)
+            s[pick < 0.02] = np.inf
+            s[(pick >= 0.02) & (pick < 0.04)] = -np.inf
+            s[(pick >= 0.04) & (pick < 0.06)] = -0.0
+            s[(pick >= 0.06) & (pick < 0.08)] = 0.0
+        if off is not None:
+            s[~t] = off
+        rows_t.append(t)
+        rows_s.append(s)
+    target = Ragged.from_list(rows_t, bool)
+    scores = Ragged.from_list(rows_s, dtype)
+    return scores, target
+
+
+RATIOS = (0.0, 0.01, 0.29, 0.5, 0.6, 0.999, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("distinct", [None, 2, 7, 1000])
+@pytest.mark.parametrize("all_candidates, off", [(False, np.nan), (False, None), (False, -np.inf), (True, None)])
+def test_same_masks_as_the_simple_path(dtype, distinct, all_candidates, off):
+    rng = np.random.default_rng([np.dtype(dtype).itemsize, distinct or 0, all_candidates, off is None])
+    scores, target = make(rng, 300, 60, dtype, distinct, all_candidates, off=off)
+    for method in ("global", "sample"):
+        for ratio in RATIOS:
+            fast = keep_mask(scores, target, method, keep_ratio=ratio).values
+            np.testing.assert_array_equal(fast, simple_keep_mask(scores, target, method, ratio),
+                                          err_msg=f"{method} {ratio}")
+    for t in (-np.inf, -0.0, 0.5, 3, 0.1):
+        np.testing.assert_array_equal(keep_mask(scores, target, "threshold", threshold=t).values,
+                                      simple_keep_mask(scores, target, "threshold", threshold=t))
+
+
+@pytest.mark.parametrize("distinct, off", [(None, np.nan), (3, np.nan), (None, None)])
+def test_same_masks_at_scale(distinct, off, monkeypatch):
+    # more than 8 * sample positions: the global cut comes from the sampled band
+    real = selection._kth_smallest
+    monkeypatch.setattr(selection, "_kth_smallest", lambda *a, **kw: real(*a, **{"sample": 1 << 14, "block": 4096,
+                                                                                  **kw}))
+    rng = np.random.default_rng(7)
+    scores, target = make(rng, 2000, 300, np.float32, distinct, off=off)
+    assert len(target.values) > 8 * (1 << 14)
+    for method in ("global", "sample"):
+        for ratio in (0.05, 0.6, 0.97):
+            np.testing.assert_array_equal(keep_mask(scores, target, method, keep_ratio=ratio).values,
+                                          simple_keep_mask(scores, target, method, ratio), err_msg=f"{method} {ratio}")
+    bad = scores.like(scores.values.copy())
+    last = np.flatnonzero(target.values)[-1]
+    bad.values[last] = np.nan                                       # found by the band pass's check, then named
+    with pytest.raises(ValueError, match=f"example {target.example_ids()[last]} "):
+        keep_mask(bad, target, "global", keep_ratio=0.6)
+
+
+def test_kth_smallest_band_and_fallback():
+    rng = np.random.default_rng(3)
+    # step 80: the sample sees only the 0.0s of these periodic arrays (the second one makes the band miss: fallback)
+    period, skewed = np.r_[0.0, np.full(39, 1.0), np.full(40, -1.0)], np.r_[0.0, np.full(79, 1.0)]
+    with_nan = rng.standard_normal(20480)
+    with_nan[rng.random(20480) < 0.3] = np.nan
+    cases = [rng.standard_normal(20480), rng.integers(0, 4, 20480).astype(np.float32),
+             np.sort(rng.standard_normal(20480)), np.tile(period, 256), np.tile(skewed, 256),
+             np.tile(np.r_[np.full(79, -np.inf), 1.0], 256), np.r_[np.full(16000, 2.0), rng.standard_normal(4480)],
+             with_nan, np.sort(with_nan), np.r_[np.full(30000, np.nan), rng.standard_normal(2000)]]
+    for x in cases:
+        n = int(np.count_nonzero(~np.isnan(x)))     # NaN sorts last: ranks below n are numbers
+        for r in (0, 1, 17, n // 4, n // 3, n // 2, n - 2, n - 1):
+            want = np.partition(x, r)[r]
+            got, ties = selection._kth_smallest(x, r, int(np.isnan(x).sum()), sample=256, block=1000)
+            assert got == want, (r, want)
+            if ties is not None:
+                np.testing.assert_array_equal(ties, np.flatnonzero(x == want))
+            # with the NaN layout to check: the same answer when it holds, None when it does not
+            numbers = ~np.isnan(x)
+            checked = selection._kth_smallest(x, r, int(np.isnan(x).sum()), sample=256, block=1000, non_nan=numbers)
+            assert checked is None or checked[0] == want
+            wrong = numbers.copy()
+            wrong[len(x) // 2] = ~wrong[len(x) // 2]
+            assert selection._kth_smallest(x, r, int(np.isnan(x).sum()), sample=256, block=1000,
+                                           non_nan=wrong) is None
+    x = rng.standard_normal(20480)
+    assert selection._kth_smallest(x, 10240, sample=256, block=1000, non_nan=np.ones(len(x), bool)) is not None
+
+
+def test_nan_on_a_candidate_names_the_example():
+    rng = np.random.default_rng(5)
+    scores, target = make(rng, 50, 20, np.float32)
+    cand = np.flatnonzero(target.values)
+    bad = scores.like(scores.values.copy())
+    bad.values[cand[len(cand) // 2]] = np.nan
+    ex = int(target.example_ids()[cand[len(cand) // 2]])
+    for method in ("global", "sample", "threshold"):
+        with pytest.raises(ValueError, match=f"example {ex} "):
+            keep_mask(bad, target, method, keep_ratio=0.5, threshold=0.0)
+
+
+def test_empty_and_candidate_free_examples():
+    target = Ragged.from_list([[], [0, 0], [0, 1, 1], [], [0, 1]], bool)
+    scores = Ragged.from_list([[], [np.nan, np.nan], [np.nan, 1.0, 1.0], [], [np.nan, 1.0]], np.float32)
+    for method in ("global", "sample"):
+        for ratio in RATIOS:
+            np.testing.assert_array_equal(keep_mask(scores, target, method, keep_ratio=ratio).values,
+                                          simple_keep_mask(scores, target, method, ratio))
