@@ -7,10 +7,14 @@
 `measure` runs `python -m tokenclean model=tiny tracking=none data=file data.train=FILE data.eval_size=64
 selection=all training.max_steps=1` in a fresh process (from the source tree DIR, default this checkout) and prints
 one JSON line: seconds from launch until the data are ready (the Job's "data:" log line, 1 s resolution) and until
-the first training step is logged (metrics.jsonl), the whole run's wall time, and the process's peak RSS
-(ru_maxrss from wait4). selection=all trains on every response token without a scoring pass, so the first training
-step comes right after reading, validating and tokenizing. --cap-gb kills the run when its RSS passes the cap
-(reported as killed, with the RSS and time reached).
+the first training step is logged (metrics.jsonl), the whole run's wall time, the process's peak RSS (ru_maxrss from
+wait4) and the largest RSS seen (polled every 0.2 s) until the first step. selection=all trains on every response
+token without a scoring pass, so the first training step comes right after reading, validating and tokenizing.
+--cap-gb kills the run when its RSS passes the cap (reported as killed, with the time reached).
+
+`data` runs the data stage alone (read_data + tokenize_data with the tiny model's tokenizer) in this process and
+prints its seconds and peak RSS; run it as a script to pick the tokenclean tree under test:
+  cd /tmp && PYTHONPATH=/tmp/tc_before python /work/main/benchmarks/large_inputs.py data /tmp/sft_1m.jsonl
 """
 from __future__ import annotations
 
@@ -83,12 +87,14 @@ def measure(data: str, src: Path, cap_gb: float | None) -> dict:
     start = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=src, env=env, stdout=log, stderr=subprocess.STDOUT)
-        killed, max_seen = False, 0.0
+        killed, max_seen, before_step = False, 0.0, 0.0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             max_seen = max(max_seen, _rss_gb(proc.pid))
+            if not _first_step(run_dir):
+                before_step = max_seen
             if cap_gb and max_seen > cap_gb and not killed:
                 proc.kill()
                 killed = True
@@ -98,21 +104,29 @@ def measure(data: str, src: Path, cap_gb: float | None) -> dict:
     out = {"data": data, "records": sum(1 for _ in open(data)), "src": str(src),
            "rc": os.waitstatus_to_exitcode(status), "killed_at_cap_gb": cap_gb if killed else None,
            "wall_s": round(end - start, 1),
-           "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2), "log": str(log_path)}
+           "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2), "rss_to_first_step_gb": round(before_step, 2),
+           "log": str(log_path)}
     # the Job logs "HH:MM:SS INFO tokenclean: data: ..." right after tokenize_data returns
     m = re.search(r"^(\d\d:\d\d:\d\d) INFO tokenclean: data: ", text, re.M)
     if m:
         day = datetime.fromtimestamp(start).strftime("%Y-%m-%d ")
         ready = datetime.strptime(day + m.group(1), "%Y-%m-%d %H:%M:%S").timestamp()
         out["data_ready_s"] = round(ready - int(start), 0)
+    step = _first_step(run_dir)
+    if step:
+        out["first_step_s"] = round(step - start, 1)
+    return out
+
+
+def _first_step(run_dir: Path) -> float | None:
+    """When the first training step was logged (metrics.jsonl), or None before."""
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         for line in metrics.read_text().splitlines():
             rec = json.loads(line)
             if "train/loss" in rec:
-                out["first_step_s"] = round(rec["time"] - start, 1)
-                break
-    return out
+                return rec["time"]
+    return None
 
 
 def data_stage(data: str, model: str) -> dict:

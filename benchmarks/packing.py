@@ -3,12 +3,15 @@
   python -m benchmarks.packing --out results/packing.md
   python -m benchmarks.packing --steps 5 model=tiny data.limit=240 data.eval_size=24    # any tokenclean overrides
 
-Counts: every forward pass of the fixed job with those overrides (reference and final training; base and reference
-losses on the pool; held-out losses before, with the reference, after), from the job's own data splits and batch
-plans: processed token positions (padded: examples x longest; packed: the sum of lengths) over real tokens.
-Timing, in this one process, from the same weights: the first --steps training steps of the final stage (every
-response token kept) and one scoring pass over the pool, padded and packed alternately (padded, packed, packed,
-padded with --rounds 2), so a machine shared with other work slows both alike. Wall and CPU seconds.
+Three layouts of a forward's examples: padded (one example per row), packed (losses.collate(packed=True): several
+to a row, rows as wide as the longest example; what training and scoring use) and one row (all the examples
+concatenated: no padding at all). Counts: every forward pass of the fixed job with these overrides (reference and
+final training; base and reference losses on the pool; held-out losses before, with the reference, after), from
+the job's own data splits and batch plans: processed token positions per layout over real tokens. Timing, in one
+process and from the same weights: forward + backward of the micro-batches of the final stage's first --steps
+steps (the optimiser step, the same for every layout, left out), one scoring pass over the pool, and one
+micro-batch of max_length examples (nothing to save by packing). The layouts take turns batch by batch, so a
+machine shared with other work slows them alike; wall and CPU seconds.
 """
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import replace
 
 import numpy as np
+
+LAYOUTS = ("padded", "packed", "one row")
 
 
 def load_config(overrides: list[str]):
@@ -30,10 +34,18 @@ def load_config(overrides: list[str]):
         return OmegaConf.to_object(compose("config", overrides=["tracking=none", *overrides]))
 
 
-def count(lengths: np.ndarray, batches) -> tuple[int, int]:
-    """(padded positions, real tokens) of these forward passes."""
-    batches = [b for b in batches if len(b)]
-    return sum(len(b) * int(lengths[b].max()) for b in batches), sum(int(lengths[b].sum()) for b in batches)
+def make_batch(ids, target, idx, layout: str) -> dict:
+    """One forward's batch in `layout`; "one row": the examples concatenated, no padding at all."""
+    import torch
+
+    from tokenclean.losses import collate
+    b = collate(ids, target, idx, packed=layout == "packed")
+    if layout != "one row":
+        return b
+    real = b.pop("attention_mask").bool()
+    pos = torch.arange(real.shape[1]).expand_as(real)
+    return {"input_ids": b["input_ids"][real][None], "position_ids": pos[real][None], "mask": b["mask"][real][None],
+            **({"weights": b["weights"]} if "weights" in b else {})}
 
 
 def stage_seed(cfg, stage: str) -> int:
@@ -41,33 +53,27 @@ def stage_seed(cfg, stage: str) -> int:
     return int(fingerprint(cfg.seed, stage)[:8], 16)      # as Job.stage_seed
 
 
-def job_counts(cfg, data) -> dict:
+def forwards(cfg, data) -> dict:
+    """Every forward pass of the fixed job, as (examples, indices): training micro-batches, then scoring batches."""
     from tokenclean.losses import length_batches
     from tokenclean.train import micro_batches, plan_steps
 
     t = cfg.training
     n_micro = math.ceil(t.batch_size / t.micro_batch_size)
-    train = []
-    for stage, ex in (("reference", data.warmup), ("final", data.train)):
-        for step in plan_steps(len(ex), t, stage_seed(cfg, stage)):
-            train += [(ex.input_ids.lengths, b) for b in micro_batches(step, 0, 1, t.micro_batch_size, n_micro)]
-    score = [(ex.input_ids.lengths, b) for ex in (data.train, data.train, data.eval, data.eval, data.eval)
+    train = [(ex, b) for stage, ex in (("reference", data.warmup), ("final", data.train))
+             for step in plan_steps(len(ex), t, stage_seed(cfg, stage))
+             for b in micro_batches(step, 0, 1, t.micro_batch_size, n_micro) if len(b)]
+    score = [(ex, b) for ex in (data.train, data.train, data.eval, data.eval, data.eval)
              for b in length_batches(ex.input_ids.lengths, t.score_batch_size)]
-    out = {}
-    for name, passes in (("training steps", train), ("scoring passes", score)):
-        pairs = [count(lengths, [b]) for lengths, b in passes]
-        out[name] = (len(passes), sum(p for p, _ in pairs), sum(r for _, r in pairs))
+    return {"training steps": train, "scoring passes": score}
+
+
+def positions(passes) -> dict:
+    """Real tokens and, per layout, the token positions the forwards process."""
+    out = {"forwards": len(passes), "real": sum(int(ex.input_ids.lengths[b].sum()) for ex, b in passes)}
+    for layout in LAYOUTS:
+        out[layout] = sum(make_batch(ex.input_ids, ex.target, b, layout)["input_ids"].numel() for ex, b in passes)
     return out
-
-
-def use_packing(packed: bool) -> None:
-    """Point train.fit and token_losses at the packed (as shipped) or the padded layout."""
-    import tokenclean.losses as L
-    import tokenclean.train as T
-    if not hasattr(L, "_shipped_collate"):
-        L._shipped_collate = L.collate
-    shipped = L._shipped_collate
-    L.collate = T.collate = shipped if packed else (lambda *a, packed=False, **k: shipped(*a, **k))
 
 
 def timed(fn):
@@ -76,60 +82,33 @@ def timed(fn):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
-def time_training(cfg, acc, path, data, steps: int, packed: bool, pad_id: int):
-    from tokenclean.models import load_model
-    from tokenclean.train import fit, prepare
+def time_layouts(acc, model, passes, train: bool) -> tuple[dict, dict]:
+    """Seconds (wall, CPU) per layout over these forwards (+ backward when train), taking turns; and the losses."""
+    import torch
 
-    use_packing(packed)
-    t = replace(cfg.training, max_steps=steps, log_every=10**9, save_every=0)
-    p = prepare(acc, load_model(path, cfg.model, cfg.seed), len(data.train), t, stage_seed(cfg, "final"))
-    stats, wall, cpu = timed(lambda: fit(acc, p, data.train.input_ids, data.train.target, t, pad_id, desc="train"))
-    steps_run = p.steps
-    acc.free_memory(p.model, p.optimizer)
-    return stats["train_loss"], wall, cpu, steps_run
+    seconds = {layout: np.zeros(2) for layout in LAYOUTS}
+    losses = {layout: [] for layout in LAYOUTS}
+    model.train(train)
+    for i, (ex, idx) in enumerate(passes):
+        for layout in LAYOUTS[i % 3:] + LAYOUTS[:i % 3]:       # each layout goes first as often as the others
+            b = make_batch(ex.input_ids, ex.target, idx, layout)
 
-
-def time_scoring(cfg, acc, path, data, packed: bool, pad_id: int):
-    from tokenclean.losses import TokenLoss, token_losses
-    from tokenclean.models import load_model
-
-    use_packing(packed)
-    model = acc.prepare(TokenLoss(load_model(path, cfg.model, cfg.seed, lora=False), cfg.training.loss_chunk_size))
-    out, wall, cpu = timed(lambda: token_losses(acc, model, data.train.input_ids, data.train.target,
-                                                cfg.training.score_batch_size, pad_id, desc="score"))
-    acc.free_memory(model)
-    return out.values, wall, cpu
-
-
-def time_full_length(cfg, acc, path, order, reps: int = 3):
-    """Forward + backward of one micro-batch of max_length examples: nothing to save by packing, and a packed row
-    asks sdpa/eager for attention over all of it under a block-diagonal mask (flash-attention would run varlen)."""
-    from tokenclean.losses import TokenLoss, collate
-    from tokenclean.models import load_model
-    from tokenclean.ragged import Ragged
-
-    n, length = cfg.training.micro_batch_size, cfg.data.max_length
-    rng = np.random.default_rng(0)
-    ids = Ragged.from_list([rng.integers(10, 1000, length) for _ in range(n)], np.int64)
-    tgt = ids.like(np.ones(len(ids.values), bool))
-    model = TokenLoss(load_model(path, cfg.model, cfg.seed), cfg.training.loss_chunk_size).train()
-    runs = {False: [], True: []}
-    for packed in order:
-        b = collate(ids, tgt, range(n), packed=packed)
-
-        def step(b=b):
-            with acc.autocast():
-                model(**b).sum().backward()
-            model.zero_grad(set_to_none=True)
-        for _ in range(reps):
-            runs[packed].append(timed(step)[1:])
-    return runs
+            def run(b=b):
+                with torch.set_grad_enabled(train), acc.autocast():
+                    out = model(**b)
+                if train:
+                    out.sum().backward()
+                    model.zero_grad(set_to_none=True)
+                return out.detach().float()
+            out, wall, cpu = timed(run)
+            seconds[layout] += (wall, cpu)
+            losses[layout].append(out)
+    return seconds, {k: torch.cat(v) for k, v in losses.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20, help="training steps timed per arm")
-    ap.add_argument("--rounds", type=int, default=2, help="1: padded, packed; 2: padded, packed, packed, padded")
+    ap.add_argument("--steps", type=int, default=20, help="final-stage training steps timed")
     ap.add_argument("--counts-only", action="store_true", help="print the job's token counts, time nothing")
     ap.add_argument("--out", default=None)
     a, overrides = ap.parse_known_args()
@@ -138,73 +117,60 @@ def main() -> None:
 
     from tokenclean.assets import resolve_model
     from tokenclean.dist import make_accelerator
-    from tokenclean.losses import length_batches
-    from tokenclean.models import load_tokenizer
+    from tokenclean.losses import TokenLoss, length_batches
+    from tokenclean.models import load_model, load_tokenizer
     from tokenclean.pipelines.job import read_data, tokenize_data
-    from tokenclean.train import micro_batches
+    from tokenclean.ragged import Ragged
+    from tokenclean.train import micro_batches, plan_steps
 
-    torch.manual_seed(0)
     cfg = load_config(overrides)
+    t = cfg.training
     path = resolve_model(cfg.model.name_or_path)
-    tok = load_tokenizer(path)
-    data = tokenize_data(cfg, *read_data(cfg), tok)
-    acc = make_accelerator(cfg.training.mixed_precision)
-    counts = job_counts(cfg, data)
+    data = tokenize_data(cfg, *read_data(cfg), load_tokenizer(path))
+    acc = make_accelerator(t.mixed_precision)
+    counts = {name: positions(passes) for name, passes in forwards(cfg, data).items()}
+    print(counts, flush=True)
     if a.counts_only:
-        print({k: f"{n} forwards, {padded:,} padded positions, {real:,} real tokens ({padded / real:.2f}x)"
-               for k, (n, padded, real) in counts.items()})
         return
 
-    order = [False, True, True, False][:2 * a.rounds] if a.rounds <= 2 else [False, True] * a.rounds
-    runs = {"training": {False: [], True: []}, "scoring": {False: [], True: []}}
-    results = {}
-    for packed in order:
-        loss, wall, cpu, steps = time_training(cfg, acc, path, data, a.steps, packed, tok.pad_token_id)
-        runs["training"][packed].append((wall, cpu))
-        results.setdefault(("training", packed), loss)
-        scores, wall, cpu = time_scoring(cfg, acc, path, data, packed, tok.pad_token_id)
-        runs["scoring"][packed].append((wall, cpu))
-        results.setdefault(("scoring", packed), scores)
-        print(f"packed={packed}: {runs['training'][packed][-1]} {runs['scoring'][packed][-1]}", flush=True)
-
-    full = time_full_length(cfg, acc, path, order)
-    lengths, t = data.train.input_ids.lengths, cfg.training
+    model = TokenLoss(load_model(path, cfg.model, cfg.seed), t.loss_chunk_size).to(acc.device)
     n_micro = math.ceil(t.batch_size / t.micro_batch_size)
-    timed_pos = {"training": count(lengths, [b for s in steps for b in micro_batches(s, 0, 1, t.micro_batch_size,
-                                                                                        n_micro)]),
-                 "scoring": count(lengths, length_batches(lengths, t.score_batch_size))}
-    loss_diff = float(np.max(np.abs(np.subtract(results["training", True], results["training", False]))))
-    score_diff = float(np.nanmax(np.abs(results["scoring", True] - results["scoring", False])))
+    steps = plan_steps(len(data.train), t, stage_seed(cfg, "final"))[:a.steps]
+    n, length = t.micro_batch_size, cfg.data.max_length
+    rng = np.random.default_rng(0)
+    full = Ragged.from_list([rng.integers(10, 1000, length) for _ in range(n)], np.int64)
+    full_data = type("Full", (), {"input_ids": full, "target": full.like(np.ones(len(full.values), bool))})
+    pieces = {f"forward + backward: the {len(steps)} first training steps (final stage)":
+              ([(data.train, b) for s in steps for b in micro_batches(s, 0, 1, t.micro_batch_size, n_micro)], True),
+              "forward: one scoring pass over the pool":
+              ([(data.train, b) for b in length_batches(data.train.input_ids.lengths, t.score_batch_size)], False),
+              f"forward + backward: {n} examples of {length} tokens, 3 times":
+              ([(full_data, np.arange(n))] * 3, True)}
+    timings = {}
+    for name, (passes, train) in pieces.items():
+        timings[name] = positions(passes), *time_layouts(acc, model, passes, train)
+        print(name, timings[name][:2], flush=True)
 
     cmd = " ".join(["python -m benchmarks.packing", *sys.argv[1:]])
     lines = [f"Command: `{cmd}`", "",
              f"Data: {cfg.data.train}, limit {cfg.data.limit}, max_length {cfg.data.max_length}: {len(data.train)} "
-             f"pool, {len(data.warmup)} warm-up, {len(data.eval)} held-out examples. Model {cfg.model.name_or_path}, "
-             f"batch {cfg.training.batch_size} (micro {cfg.training.micro_batch_size}), score batch "
-             f"{cfg.training.score_batch_size}, mixed precision {acc.mixed_precision}, "
+             f"pool, {len(data.warmup)} warm-up, {len(data.eval)} held-out examples. Model {cfg.model.name_or_path} "
+             f"({model.config._attn_implementation} attention), batch {t.batch_size} (micro {t.micro_batch_size}), "
+             f"score batch {t.score_batch_size}, mixed precision {acc.mixed_precision}, "
              f"{torch.get_num_threads()} torch threads on {acc.device}.", "",
-             "Every forward pass of the whole fixed job:", "",
-             "| passes | forwards | real tokens | padded positions | padded / real | packed positions "
-             "| packed / real |",
-             "|---|---|---|---|---|---|---|"]
-    for name, (n, padded, real) in counts.items():
-        lines.append(f"| {name} | {n} | {real:,} | {padded:,} | {padded / real:.2f}x | {real:,} | 1.00x |")
-    lines += ["", f"Timed ({' '.join('packed' if p else 'padded' for p in order)}; seconds per arm, mean of "
-              f"{len(order) // 2}):", "",
-              "| piece | real tokens | padded positions | padded wall s | packed wall s | wall speed-up "
-              "| padded CPU s | packed CPU s |", "|---|---|---|---|---|---|---|---|"]
-    for name, desc in (("training", f"{a.steps} training steps (final stage)"), ("scoring", "one scoring pass (pool)")):
-        padded, real = timed_pos[name]
-        (pw, pc), (kw, kc) = (np.mean(runs[name][p], axis=0) for p in (False, True))
-        lines.append(f"| {desc} | {real:,} | {padded:,} | {pw:.1f} | {kw:.1f} | {pw / kw:.2f}x | {pc:.1f} | {kc:.1f} |")
-    (pw, pc), (kw, kc) = (np.mean(full[p], axis=0) for p in (False, True))
-    n, length = t.micro_batch_size, cfg.data.max_length
-    lines.append(f"| forward + backward, {n} examples x {length} tokens (no padding to save) | {n * length:,} | "
-                 f"{n * length:,} | {pw:.2f} | {kw:.2f} | {pw / kw:.2f}x | {pc:.2f} | {kc:.2f} |")
-    lines += ["", f"Same results: largest |packed - padded| step loss {loss_diff:.1e}, per-token scoring loss "
-              f"{score_diff:.1e}. Every timed run (wall s, CPU s): "
-              + "; ".join(f"{n} {'packed' if p else 'padded'} {[(round(w, 1), round(c, 1)) for w, c in v]}"
-                          for n in runs for p, v in runs[n].items())]
+             "Token positions processed by every forward pass of the whole fixed job:", "",
+             "| passes | forwards | real tokens | padded | packed | one row |", "|---|---|---|---|---|---|"]
+    for name, c in counts.items():
+        lines.append(f"| {name} | {c['forwards']} | {c['real']:,} | "
+                     + " | ".join(f"{c[k]:,} ({c[k] / c['real']:.2f}x)" for k in LAYOUTS) + " |")
+    lines += ["", "Timed, the layouts taking turns batch by batch; seconds, wall / CPU (CPU speed-up over padded):", "",
+              "| piece | real tokens | positions padded / packed | padded | packed | one row |",
+              "|---|---|---|---|---|---|"]
+    for name, (c, secs, _) in timings.items():
+        cells = [f"{secs[k][0]:.1f} / {secs[k][1]:.1f} ({secs['padded'][1] / secs[k][1]:.2f}x)" for k in LAYOUTS]
+        lines.append(f"| {name} | {c['real']:,} | {c['padded']:,} / {c['packed']:,} | " + " | ".join(cells) + " |")
+    diff = max(float((v[2][k] - v[2]["padded"]).abs().max()) for v in timings.values() for k in LAYOUTS)
+    lines += ["", f"Every layout gave the same per-token losses: largest difference to padded {diff:.1e}."]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

@@ -202,7 +202,17 @@ def test_cached_failed_build_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_resolve_existing_dir_unchanged(tmp_path):
-    assert resolve_model(str(tmp_path)) == str(tmp_path)
+    """A complete local model directory resolves to itself; an empty one is refused, naming what is missing."""
+    import shutil
+
+    from tokenclean.config import ConfigError
+    complete = tmp_path / "model"
+    shutil.copytree(resolve_model("builtin:tiny"), complete)
+    assert resolve_model(str(complete)) == str(complete)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        resolve_model(str(empty))
 
 
 @pytest.mark.parametrize("value", ["HuggingFaceTB/SmolLM2-135M-Instruct", "/no/such/dir/model", "builtin:nope"])

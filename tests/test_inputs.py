@@ -1,9 +1,9 @@
 """Incomplete inputs fail early and clearly: before anything trains, one line naming what is missing and where.
 
 In-process: models.check_model_dir (what assets.resolve_model runs on every model directory) on copies of the tiny
-model with one thing broken, and a tokenizer with no token to pad with (both raise ConfigError, which the CLI
-prints as one line). Through the real CLI: exit 2, one line, no traceback, no run started, for a model without
-weights and for a data folder that holds no dataset.
+model with one thing broken, a tokenizer with no token to pad with (both raise ConfigError, which the CLI prints as
+one line), a data folder that holds no dataset (data.read_records: DataError, printed alike). Through the real CLI:
+exit 2, one line, no traceback, no run started, for a model without weights.
 """
 import json
 import shutil
@@ -92,19 +92,25 @@ def test_a_tokenizer_without_pad_or_eos_is_refused(model):
         load_tokenizer(str(model))
 
 
-@pytest.mark.parametrize("case", ["model without weights", "empty data folder"])
-def test_the_cli_stops_before_training_with_one_line(model, tmp_path, case):
-    args = [*TINY, f"model.name_or_path={model}"]
-    if case == "model without weights":
-        (model / "model.safetensors").unlink()
-        expected = f"tokenclean: error: model.name_or_path='{model}': no weights in {model} (looked for "
-    else:
-        (tmp_path / "data").mkdir()
-        args.append(f"data.train={tmp_path / 'data'}")
-        expected = f"tokenclean: error: {tmp_path / 'data'}: folder is not a datasets.save_to_disk folder"
-    proc = run_cli(args, tmp_path / "run", check=False)
+def test_a_data_folder_without_a_dataset_is_named(tmp_path):
+    """read_records (tokenclean/data.py) runs before any model loads; its DataError is one line from the CLI."""
+    from tokenclean.data import DataError, read_records
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with pytest.raises(DataError, match=f"{folder}: folder is not a datasets.save_to_disk folder \\(no state.json"):
+        read_records(str(folder))
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    with pytest.raises(DataError, match=f"{folder}: cannot read the dataset folder \\(FileNotFoundError: .*"
+                                        "data-00000-of-00001.arrow"):
+        read_records(str(folder))
+
+
+def test_the_cli_stops_before_training_with_one_line(model, tmp_path):
+    (model / "model.safetensors").unlink()
+    proc = run_cli([*TINY, f"model.name_or_path={model}"], tmp_path / "run", check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("tokenclean:")]
-    assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr[-3000:]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"tokenclean: error: model.name_or_path='{model}': no weights in {model} (looked for ")
     assert not (tmp_path / "run" / "manifest.json").exists()      # no run started

@@ -1,5 +1,5 @@
-"""Packed batches (one row, position_ids restarting per example, no attention_mask) give the padded layout's losses,
-entropies and gradients, on transformers' sdpa and eager attention."""
+"""Packed batches (several examples to a row, position_ids restarting per example, no attention_mask) give the padded
+layout's losses, entropies and gradients, on transformers' sdpa and eager attention."""
 import numpy as np
 import pytest
 import torch
@@ -37,16 +37,23 @@ def lm_factory(request, tiny_lm):
 
 
 def test_packed_layout():
-    ids, tgt = random_examples(3, seed=1)
-    tgt.values[:] = True                                   # even a target at position 0 is never selected
-    b = collate(ids, tgt, [2, 0, 1], packed=True)
+    """Whole examples in order, several to a row as wide as the longest; position_ids restart for each example."""
+    ids = Ragged.from_list([np.arange(1, n + 1) for n in (3, 2, 6, 1, 4, 2)], np.int32)
+    tgt = ids.like(np.ones(len(ids.values), bool))     # even a target at position 0 is never selected
+    b = collate(ids, tgt, range(6), pad_id=0, packed=True)
     assert set(b) == {"input_ids", "position_ids", "mask"}
-    n = ids.lengths[[2, 0, 1]]
-    assert b["input_ids"].shape == b["position_ids"].shape == b["mask"].shape == (1, n.sum())
-    starts = np.concatenate([[0], np.cumsum(n)[:-1]])
-    np.testing.assert_array_equal(np.flatnonzero(b["position_ids"][0] == 0), starts)
-    assert not b["mask"][0, starts].any() and b["mask"].sum() == n.sum() - 3
-    np.testing.assert_array_equal(b["input_ids"][0], np.concatenate([ids[2], ids[0], ids[1]]))
+    np.testing.assert_array_equal(b["input_ids"], [[1, 2, 3, 1, 2, 0],
+                                                    [1, 2, 3, 4, 5, 6],
+                                                    [1, 1, 2, 3, 4, 0],
+                                                    [1, 2, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(b["position_ids"], [[0, 1, 2, 0, 1, 5],
+                                                       [0, 1, 2, 3, 4, 5],
+                                                       [0, 0, 1, 2, 3, 5],
+                                                       [0, 1, 2, 3, 4, 5]])
+    np.testing.assert_array_equal(b["mask"], [[0, 1, 1, 0, 1, 0],
+                                               [0, 1, 1, 1, 1, 1],
+                                               [0, 0, 1, 1, 1, 0],
+                                               [0, 1, 0, 0, 0, 0]])
 
 
 @pytest.mark.parametrize("chunk", [7, 10_000])
@@ -58,6 +65,7 @@ def test_packed_losses_entropies_weights_equal_padded(lm_factory, chunk):
     out = {}
     for packed in (False, True):
         b = collate(ids, w, idx, pad_id=0, packed=packed)
+        assert len(b["input_ids"]) < len(idx) if packed else len(b["input_ids"]) == len(idx)
         with torch.no_grad():
             losses, ent = TokenLoss(lm, chunk)(**{k: v for k, v in b.items() if k != "weights"}, entropy=True)
         out[packed] = losses, ent, b["weights"]
@@ -79,14 +87,28 @@ def test_packed_gradients_equal_padded(lm_factory):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
 
 
-def test_packed_first_tokens_are_never_targets(tiny_lm):
-    """TokenLoss itself drops every example's first position, whatever `mask` says."""
-    lm = tiny_lm()
-    ids, tgt = random_examples(4, seed=2)
-    b = collate(ids, tgt, range(4), packed=True)
-    b["mask"][:] = True
+def test_one_row_layout_equals_padded(lm_factory):
+    """The packed rows flattened into one (what TokenLoss gives flash-attention) still keep each example apart."""
+    lm = lm_factory()
+    ids, tgt = uneven_examples(seed=2)
+    b = collate(ids, tgt, range(len(ids)), packed=True)
+    one = {k: v.reshape(1, -1) for k, v in b.items()}
+    assert len(b["input_ids"]) > 1
     with torch.no_grad():
-        assert len(TokenLoss(lm)(**b)) == ids.lengths.sum() - 4
+        want = TokenLoss(lm)(**collate(ids, tgt, range(len(ids))))
+        torch.testing.assert_close(TokenLoss(lm)(**one), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(TokenLoss(lm)(**b), want, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_first_tokens_are_never_targets(tiny_lm):
+    """TokenLoss itself drops every example's first position (position_ids 0), whatever `mask` says."""
+    lm = tiny_lm()
+    ids, tgt = uneven_examples()
+    b = collate(ids, tgt, range(len(ids)), packed=True)
+    firsts = dict(b, mask=b["mask"] | (b["position_ids"] == 0))
+    assert firsts["mask"].sum() == b["mask"].sum() + len(ids) and len(b["mask"]) < len(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(TokenLoss(lm)(**firsts), TokenLoss(lm)(**b), rtol=0, atol=0)
 
 
 def test_empty_packed_batch_gives_connected_zero(tiny_lm):

@@ -4,7 +4,8 @@
 runs once, then the LM head and the cross-entropy run over the selected positions in chunks, so fp32 logits of
 the whole batch ([batch, length, vocab]: 2 GB for 8 x 2048 x 128k) never exist. Wrapping the whole computation
 in one module keeps DDP and DeepSpeed in charge of it (ZeRO-3 gathers the LM head inside this forward).
-Training and scoring feed it packed batches (`collate(..., packed=True)`): no position is spent on padding.
+Training and scoring feed it packed batches (`collate(..., packed=True)`): several examples to a row, so that few
+positions go to padding.
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ class TokenLoss(nn.Module):
         """Losses (fp32) of the positions where `mask` is True, in row-major order; with entropy=True, also the
         entropy of the predicted distribution at those positions (a second tensor, no gradient).
 
-        Takes a padded batch (attention_mask) or a packed one (one row of concatenated examples, position_ids
-        restarting at 0 per example, no attention_mask): see `collate`.
+        Takes a padded batch (attention_mask) or a packed one (several examples to a row, position_ids restarting
+        at 0 for each, no attention_mask): see `collate`.
 
         With no position selected it returns one zero that is still connected to the graph (0 * a real loss):
         every rank then runs the same backward, so DDP and ZeRO-3 never wait on a rank that skipped a step."""
@@ -54,7 +55,7 @@ class TokenLoss(nn.Module):
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False).last_hidden_state
         # an example's first token has no prefix to be predicted from: column 0, and in a packed row every
-        # position 0 (its previous position belongs to the previous example)
+        # position 0 (the position before it belongs to another example)
         mask = mask & (position_ids != 0) if position_ids is not None else mask.clone()
         mask[:, 0] = False
         rows, cols = mask.nonzero(as_tuple=True)

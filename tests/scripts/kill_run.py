@@ -5,8 +5,6 @@ KILL_AT selects the point:
   checkpoint:<dir name>    a checkpoint's files are written, just before the rename that publishes it
   array:<name>             a per-token array's .npy files are written, before its .json (mid score/mask write)
   manifest:<stage>         the manifest naming <stage> is written to its temp file, before the rename
-  state:<stage>:<n>        the resumable state after step n of a training stage is written, before the rename
-                           that publishes it
 """
 import os
 import signal
@@ -48,20 +46,6 @@ elif kind == "checkpoint":
                 die()
             return real_replace(src, dst)
     tokenclean.models.os = _OS()
-elif kind == "state":
-    stage, n = arg.rsplit(":", 1)
-    real_replace = os.replace
-
-    class _TrainOS:  # train's `os`, with a replace that dies when it would publish that state
-        def __getattr__(self, name):
-            return getattr(os, name)
-
-        @staticmethod
-        def replace(src, dst):
-            if str(dst).endswith(f"/{stage}.state/step_{int(n):06d}"):
-                die()
-            return real_replace(src, dst)
-    tokenclean.train.os = _TrainOS()
 elif kind in ("array", "manifest"):
     real_atomic = tokenclean.rundir.atomic_write_text
 
