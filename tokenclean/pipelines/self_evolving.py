@@ -28,8 +28,8 @@ def run(job: Job) -> tuple[dict, list]:
     # What is alive now (modules, data, config) lives to the end: frozen out of the garbage collector, the full
     # collections each round's checkpoint runs (Job.save_model, accelerate's free_memory) scan only what the rounds
     # create, not the whole heap (seconds per round otherwise). Memory only: nothing computed depends on it.
-    pass  # TEMP gc.collect()
-    # TEMP gc.freeze()
+    gc.collect()
+    gc.freeze()
     try:
         for t in range(len(chunks)):
             if not job.run.done(f"round_{t}"):
