@@ -74,8 +74,8 @@ def _machine() -> str:
     import torch
     import transformers
     load = os.getloadavg()
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, numpy {numpy.__version__}; "
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, numpy {numpy.__version__}; "
             f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) when the part ended")
 
 
@@ -614,7 +614,7 @@ def main() -> None:
                    help="runs at once, ';' between groups (~4 GB each with SmolLM2); names: " + ",".join(VARIANTS))
     g = ap.add_argument_group("memory")
     g.add_argument("--vocabs", default="smollm2,128256,262144")
-    g.add_argument("--length", type=int, default=512)
+    g.add_argument("--length", type=int, default=384)
     g.add_argument("--response", type=float, default=0.6)
     g.add_argument("--chunk", type=int, default=2048)
     g = ap.add_argument_group("topk")
