@@ -367,11 +367,15 @@ def part_self_evolving(a, argv) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     cols = list(results)
+    plains = [results[n] for n in cols if n.startswith("plain#")]
 
     def ratio(n, field):
-        ref = results.get(baseline[n]) if baseline[n] else None
-        get = (lambda r: r[field]) if field != "total" else (lambda r: r["parts"]["total"])
-        return f"**{get(results[n]) / get(ref):.2f}x**" if ref else "n/a"
+        """Against the plain SFT run of its group; a group without one: the mean of the plain runs (marked *)."""
+        if baseline[n]:
+            return f"**{results[n][field] / results[baseline[n]][field]:.2f}x**"
+        if plains:
+            return f"**{results[n][field] / (sum(p[field] for p in plains) / len(plains)):.2f}x***"
+        return "n/a"
 
     rows = [["process CPU seconds"] + [results[n]["cpu"] for n in cols],
             ["process wall seconds"] + [results[n]["wall"] for n in cols],
@@ -392,7 +396,8 @@ def part_self_evolving(a, argv) -> None:
              f"Each column is one `tokenclean` run (`model={a.model} tracking=none data.limit={a.limit} "
              f"data.eval_size={a.eval_size} pipeline=self_evolving pipeline.chunks={a.chunks}` + its overrides) in a "
              f"fresh process; the runs of a group (#0, #1, ...) go at once, so that the runs compared share the "
-             f"machine's load, each against the plain SFT run of its group; torch threads: "
+             f"machine's load, each against the plain SFT run of its group (* a group without one: against the "
+             f"mean of the plain runs); torch threads: "
              f"{a.threads or 'default'}), with timers around the Job's building blocks (exclusive wall seconds; "
              "the parts are wall time, so they stretch with the machine's load, CPU time less so). The pool is "
              f"{a.limit - a.eval_size} examples: {a.chunks} chunks of {(a.limit - a.eval_size) // a.chunks}, so every "
@@ -455,32 +460,40 @@ def _memory(spec: dict) -> dict:
 
 
 def part_memory(a, argv) -> None:
-    rows, ratios = [], []
+    rows = []
+    small = a.small_chunk
     for vocab in a.vocabs.split(","):
         got = {}
-        for kind in ("full_logits", "chunked"):
-            got[kind] = _child("memory", {"vocab": vocab, "kind": kind, "examples": a.examples, "length": a.length,
-                                          "response": a.response, "batch": a.batch, "chunk": a.chunk})
-            print(got[kind], flush=True)
-        f, c = got["full_logits"], got["chunked"]
+        for kind, chunk in (("full_logits", a.chunk), ("chunked", a.chunk), ("chunked_small", small)):
+            got[kind] = _child("memory", {"vocab": vocab, "kind": kind.replace("_small", ""), "examples": a.examples,
+                                          "length": a.length, "response": a.response, "batch": a.batch,
+                                          "chunk": chunk})
+            print(kind, got[kind], flush=True)
+        f, c, cs = got["full_logits"], got["chunked"], got["chunked_small"]
         logits_gb = a.batch * a.length * f["vocab"] * 4 / 2**30
-        ratios.append((f["vocab"], c["peak_mb"] / f["peak_mb"], c["scoring_mb"] / max(f["scoring_mb"], 1)))
         rows.append([f"{f['vocab']:,}" + (" (SmolLM2-135M)" if vocab == "smollm2" else " (2-layer Llama)"),
-                     f"{logits_gb:.2f}", f["baseline_mb"], f["peak_mb"], c["peak_mb"],
-                     f"**{c['peak_mb'] / f['peak_mb']:.2f}x**", f["scoring_mb"], c["scoring_mb"],
-                     f"**{c['scoring_mb'] / max(f['scoring_mb'], 1):.2f}x**", f["seconds"], c["seconds"]])
+                     f"{logits_gb:.2f}", f["baseline_mb"],
+                     f"{f['peak_mb']} / {f['scoring_mb']}", f"{c['peak_mb']} / {c['scoring_mb']}",
+                     f"**{c['peak_mb'] / f['peak_mb']:.2f}x** / **{c['scoring_mb'] / max(f['scoring_mb'], 1):.2f}x**",
+                     f"{cs['peak_mb']} / {cs['scoring_mb']}",
+                     f"**{cs['peak_mb'] / f['peak_mb']:.2f}x** / **{cs['scoring_mb'] / max(f['scoring_mb'], 1):.2f}x**",
+                     f"{f['seconds']} / {c['seconds']} / {cs['seconds']}"])
+    resp = int(a.length * a.response) * a.batch
     lines = ["## Scoring peak memory: chunked LM head vs full fp32 logits", "",
              f"Command: `{_command(argv)}`", "",
-             f"{a.examples} examples of {a.length} random tokens ({a.response:.0%} of them response), batch {a.batch}, "
-             f"fp32, no gradient. chunked = `tokenclean.losses.token_losses` (TokenLoss: the decoder once, then the "
-             f"LM head and cross-entropy over the response positions in chunks of {a.chunk}); full logits = the "
-             "plain computation (`lm(...).logits.float()` for the whole batch, then cross-entropy). Peak RSS "
-             "(ru_maxrss) of a fresh process per cell; 'scoring' is the peak minus the peak after loading the model "
-             "and one warm-up forward (what the pass itself adds). 128k-262k: SmolLM2's width (576) with 2 layers "
-             "and that vocabulary, random weights from a config.", "",
-             *_table(["vocabulary", "fp32 logits of one batch (GB)", "model loaded (MB)", "full: peak (MB)",
-                      "chunked: peak (MB)", "peak ratio", "full: scoring (MB)", "chunked: scoring (MB)",
-                      "scoring ratio", "full s", "chunked s"], rows), "", _machine()]
+             f"{a.examples} examples of {a.length} random tokens ({a.response:.0%} of them response: {resp} response "
+             f"positions per batch), batch {a.batch}, fp32, no gradient. chunked = `tokenclean.losses.token_losses` "
+             "(TokenLoss: the decoder once, then the LM head and cross-entropy over the response positions only, "
+             f"in chunks of `training.loss_chunk_size` positions: the default {a.chunk}, which here holds a whole "
+             f"batch, and {small}); full logits = the plain computation (`lm(...).logits.float()` for the whole "
+             "batch, then cross-entropy). Peak RSS (ru_maxrss) of a fresh process per cell, as 'peak / scoring': "
+             "scoring is the peak minus the peak after loading the model and one warm-up forward (what the pass "
+             "itself adds). 128k-262k: SmolLM2's width (576) with 2 layers and that vocabulary, random weights "
+             "from a config.", "",
+             *_table(["vocabulary", "fp32 logits of one batch (GB)", "model loaded (MB)", "full logits (MB)",
+                      f"chunked, {a.chunk} (MB)", "ratio: peak / scoring", f"chunked, {small} (MB)",
+                      "ratio: peak / scoring", "seconds: full / chunked / small chunks"], rows), "",
+             "Goal: at most 0.5x.", "", _machine()]
     write_section("memory", "\n".join(lines), Path(a.out))
 
 
@@ -610,13 +623,14 @@ def main() -> None:
     g.add_argument("--limit", type=int, default=264)
     g.add_argument("--eval-size", type=int, default=24)
     g.add_argument("--chunks", type=int, default=5)
-    g.add_argument("--groups", default="plain,online,online_eval5;plain,influence,influence_eval5",
+    g.add_argument("--groups", default="plain,online;plain,influence;online_eval5,influence_eval5",
                    help="runs at once, ';' between groups (~4 GB each with SmolLM2); names: " + ",".join(VARIANTS))
     g = ap.add_argument_group("memory")
     g.add_argument("--vocabs", default="smollm2,128256,262144")
     g.add_argument("--length", type=int, default=384)
     g.add_argument("--response", type=float, default=0.6)
     g.add_argument("--chunk", type=int, default=2048)
+    g.add_argument("--small-chunk", type=int, default=256)
     g = ap.add_argument_group("topk")
     g.add_argument("--tokens", type=int, default=10_000_000)
     g.add_argument("--ratio", type=float, default=0.6)
