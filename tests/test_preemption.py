@@ -214,10 +214,11 @@ def test_fixed_final_stage_resumes_after_sigkill(tmp_path, fixed_ref, draw):
 
 
 def test_sigterm_exits_75_and_the_rerun_resumes(tmp_path, fixed_ref, draw):
-    """A real SIGTERM to the CLI, sent once training has saved a state (polled on disk): exit 75 and one line."""
+    """A real SIGTERM to the CLI, sent once training has saved a state (polled on disk): exit 75 and one line.
+    The run pauses 0.2 s after each step of the final stage (KILL_AT=slow), so the signal lands mid-training."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tokenclean", *FIXED, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "KILL_AT": "slow:final:0.2"}
+    proc = subprocess.Popen([sys.executable, str(KILL), *FIXED, f"hydra.run.dir={run_dir}"], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while not list(run_dir.glob("final.state/step_*")) and proc.poll() is None and time.time() < deadline:

@@ -2,6 +2,8 @@
 
 KILL_AT selects the point:
   train:<stage>:<n>        after optimiser step n of a training stage (mid-training)
+  slow:<stage>:<seconds>   no kill: a pause after every optimiser step of the stage, so that a signal sent from
+                           outside lands mid-training however fast the machine
   checkpoint:<dir name>    a checkpoint's files are written, just before the rename that publishes it
   array:<name>             a per-token array's .npy files are written, before its .json (mid score/mask write)
   manifest:<stage>         the manifest naming <stage> is written to its temp file, before the rename
@@ -9,6 +11,7 @@ KILL_AT selects the point:
 import os
 import signal
 import sys
+import time
 
 import tokenclean.models
 import tokenclean.rundir
@@ -22,14 +25,16 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-if kind == "train":
+if kind in ("train", "slow"):
     stage, n = arg.rsplit(":", 1)
     fit = tokenclean.train.fit
 
     def fit_and_die(accelerator, p, input_ids, keep, cfg, pad_id, on_step=None, desc="train", **kwargs):
         def step(i, metrics):
             on_step(i, metrics)
-            if desc == stage and i + 1 == int(n):
+            if desc == stage and kind == "slow":
+                time.sleep(float(n))
+            elif desc == stage and i + 1 == int(n):
                 die()
         return fit(accelerator, p, input_ids, keep, cfg, pad_id, step, desc, **kwargs)
     tokenclean.train.fit = fit_and_die

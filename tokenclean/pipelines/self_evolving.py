@@ -82,7 +82,8 @@ def train_round(job: Job, t: int, chunks: list[Examples], round_steps: list[int]
             selector = job.online_selector(chunk.target, job.load_array(f"{stage}/base_losses"))
         else:
             scores, keep = select_round(job, model.model, stage, chunk)
-        st.info.update(job.fit(model, chunk, keep, stage, round_index=t, online=selector))
+        trained = job.fit(model, chunk, keep, stage, round_index=t, online=selector)
+        st.info.update(trained)
         if selector is not None:
             st.info.update(job.finish_online(selector, f"{stage}/"))
             scores, keep = job.load_array(f"{stage}/scores"), job.load_array(f"{stage}/keep")
@@ -92,8 +93,8 @@ def train_round(job: Job, t: int, chunks: list[Examples], round_steps: list[int]
         job.save_model(model, f"{stage}/model", start)
         if evaluated:
             st.info["tasks"] = job.evaluate_tasks(job.run.path / stage / "model", stage, t)
-        st.info.update(job.round_metrics(t, scores, keep, chunk.target, eval_loss=ev.get("eval_loss"),
-                                         eval_ppl=ev.get("eval_ppl")))
+        st.info.update(job.round_metrics(t, scores, keep, chunk.target, **ev, train_seconds=trained["train_seconds"],
+                                         steps=trained["steps"]))
 
 
 def select_round(job: Job, model, stage: str, chunk: Examples):
