@@ -57,8 +57,8 @@ def test_another_keep_ratio_reuses_base_losses_and_reference(tmp_path, cache):
 
 @pytest.mark.parametrize("override, misses", [
     ("seed=42,7", SHARED),                          # other warm-up/eval splits and another training seed
-    ("data.limit=120,100", SHARED),                 # other examples
-    ("model.dtype=float32,bfloat16", SHARED),       # other bits
+    pytest.param("data.limit=120,100", SHARED, marks=pytest.mark.slow),  # other examples
+    pytest.param("model.dtype=float32,bfloat16", SHARED, marks=pytest.mark.slow),  # other bits
     ("training.lr=0.002,0.001", ("reference",)),    # the base's losses do not depend on training
 ])
 def test_a_changed_input_misses(tmp_path, cache, override, misses):
@@ -69,7 +69,7 @@ def test_a_changed_input_misses(tmp_path, cache, override, misses):
     assert {s: a[s]["cache_key"] == b[s]["cache_key"] for s in SHARED} == {s: s not in misses for s in SHARED}
 
 
-@pytest.mark.parametrize("tamper", ["key", "array"])
+@pytest.mark.parametrize("tamper", [pytest.param("key", marks=pytest.mark.slow), "array"])
 def test_a_tampered_entry_is_recomputed(tmp_path, cache, tamper):
     from tokenclean.cache import Key, ScoreCache
     env = {"TOKENCLEAN_CACHE": str(cache)}

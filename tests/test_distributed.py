@@ -146,6 +146,7 @@ def test_ddp_two_processes_equal_one(dist_env, reference, tmp_path):
     assert_same_run(reference, run)
 
 
+@pytest.mark.slow   # ZeRO-3 and DDP below run by default; ZeRO-2 adds 60 s
 def test_zero2_two_processes_equal_one(dist_env, reference, tmp_path):
     seconds = run_ok(dist_env, tmp_path, [*JOB, f"hydra.run.dir={tmp_path / 'run'}"], config="zero2.yaml",
                      launcher_args=["--num_processes", "2"])
@@ -199,6 +200,7 @@ def test_a_failing_rank_fails_the_whole_run_at_once(dist_env, tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.slow   # waits out a timeout; a failing rank (below) runs by default
 def test_a_stalled_rank_fails_the_run_after_tokenclean_timeout(dist_env, tmp_path):
     """Rank 1 stops answering (sleeps) as round 0's training starts: rank 0 waits in a collective for
     TOKENCLEAN_TIMEOUT seconds, then fails with a timeout error, and the launcher takes rank 1 down with it."""

@@ -28,7 +28,8 @@ def assert_same_result(run_dir, reference):
 
 
 @pytest.mark.parametrize("kill_at, done_before", [
-    ("train:round_1:2", ["base_losses", "round_0", "round_1.select"]),    # mid-training
+    # mid-training (slow: tests/test_preemption.py kills mid-training at random steps by default)
+    pytest.param("train:round_1:2", ["base_losses", "round_0", "round_1.select"], marks=pytest.mark.slow),
     ("checkpoint:model", ["base_losses"]),                                # round 0's checkpoint written, not published
     # scores' arrays written, meta not
     ("array:round_2/scores", ["base_losses", "round_0", "round_1.select", "round_1"]),
@@ -45,6 +46,7 @@ def test_self_evolving_resumes_after_sigkill(tmp_path, uninterrupted, kill_at, d
     assert not list(run_dir.rglob("*.tmp*")) or kill_at.startswith("manifest")
 
 
+@pytest.mark.slow   # tests/test_preemption.py kills the same stage at random steps by default
 def test_fixed_resumes_mid_training(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     run_cli(TINY, ref_dir)
