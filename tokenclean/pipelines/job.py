@@ -112,7 +112,8 @@ class Job:
         d = self.data
         data_fp = fingerprint(d.train.fingerprint(), d.eval.fingerprint() if d.eval else "",
                               d.warmup.fingerprint() if d.warmup else "")
-        self.run = RunDir(run_dir, self.acc, config_dict, data_fp, cfg.resume)
+        self.run = RunDir(run_dir, self.acc, config_dict, data_fp, cfg.resume,
+                          verify_array=lambda path: Ragged.verify(path, hashes=False))
         self.tracker = Tracker(self.run.path, cfg, config_dict, self.run.data["run_id"],
                                enabled=self.acc.is_main_process)
         self.global_step = self.run.data.get("global_step", 0)
