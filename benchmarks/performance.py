@@ -595,6 +595,59 @@ def part_topk(a, argv) -> None:
     write_section("topk", "\n".join(lines), Path(a.out))
 
 
+# -- (e) a keep-ratio sweep vs one run ---------------------------------------------------------------------------
+def part_sweep(a, argv) -> None:
+    """One run of the job (score cache off: it computes everything), then the same job as a sweep over keep ratios
+    with an empty score cache (its first point computes and caches the base losses and the reference, the others
+    reuse them). The built-in model's converted copy is linked into the fresh cache, so neither converts it."""
+    from tokenclean.assets import cache_root
+    tmp = Path(tempfile.mkdtemp(prefix="perf-sweep-"))
+    cache = tmp / "cache"
+    cache.mkdir()
+    for d in cache_root().iterdir():
+        if d.is_dir() and d.name != "scores":
+            (cache / d.name).symlink_to(d)
+    common = ["tracking=none", *a.overrides]
+    env = {**os.environ, "TOKENCLEAN_CACHE": str(cache), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+
+    def timed(args):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "tokenclean", *args], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - started
+
+    try:
+        single = timed([*common, "cache=false", f"hydra.run.dir={tmp / 'single'}"])
+        print(f"single run: {single:.0f} s", flush=True)
+        ratios = a.ratios.split(",")
+        sweep = timed(["-m", *common, f"selection.keep_ratio={a.ratios}", f"hydra.sweep.dir={tmp / 'sweep'}",
+                       "hydra.sweep.subdir=${hydra.job.num}"])
+        print(f"sweep: {sweep:.0f} s", flush=True)
+        rows = []
+        for name, d in [("one run (cache off)", tmp / "single")] + \
+                [(f"sweep point keep_ratio={r}", tmp / "sweep" / str(i)) for i, r in enumerate(ratios)]:
+            stages = json.loads((d / "manifest.json").read_text())["stages"]
+            rows.append([name] + [f"{stages[k].get('seconds', 0):.1f}" + (" (cached)" if stages[k].get("cached")
+                                                                           else "")
+                                  for k in ("base_losses", "reference", "select", "final")])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = ["## A keep-ratio sweep vs one run", "", f"Command: `{_command(argv)}`", "",
+             f"The job ({' '.join(common) or 'no overrides'}): first as one run with `cache=false`, then as "
+             f"`tokenclean -m selection.keep_ratio={a.ratios}` on an empty score cache, one after the other, each "
+             "a fresh process timed from start to exit (process start, data, every stage, the report).", "",
+             "| | seconds |", "|---|---|", f"| one run | {single:.0f} |",
+             f"| {len(ratios)}-point sweep, score cache on | {sweep:.0f} |",
+             f"| **sweep / one run** | **{sweep / single:.2f}x** |",
+             f"| without the cache (each point computes everything): {len(ratios)} x one run | "
+             f"{len(ratios) * single:.0f} ({len(ratios)}.00x) |", "",
+             "Seconds per stage, from each run's manifest ('cached': linked from the score cache):", "",
+             *_table(["run", "base losses", "reference", "select", "final (training + held-out losses)"], rows),
+             "", "A sweep point still trains its own final model (its keep ratio changes what it learns from): that "
+             "stage bounds what a cache can save.", "", _machine()]
+    write_section("sweep", "\n".join(lines), Path(a.out))
+
+
 # -- command line ----------------------------------------------------------------------------------------------------
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
@@ -608,7 +661,7 @@ def main() -> None:
         return
     argv = sys.argv[1:]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["trl", "self_evolving", "memory", "topk", "all"])
+    ap.add_argument("part", choices=["trl", "self_evolving", "memory", "topk", "sweep", "all"])
     ap.add_argument("--out", default=str(OUT))
     g = ap.add_argument_group("trl")
     g.add_argument("--examples", type=int, default=None, help="trl: 240; topk: 50000")
@@ -636,8 +689,11 @@ def main() -> None:
     g.add_argument("--ratio", type=float, default=0.6)
     g.add_argument("--python-tokens", type=int, default=1_000_000)
     g.add_argument("--no-old", dest="old", action="store_false", help="skip timing the previous implementation")
-    a = ap.parse_args(argv)
-    parts = ["trl", "self_evolving", "memory", "topk"] if a.part == "all" else [a.part]
+    g = ap.add_argument_group("sweep")
+    g.add_argument("--ratios", default="0.4,0.6,0.8")
+    g.add_argument("overrides", nargs="*", help="sweep: tokenclean overrides for the job (default: the default job)")
+    a = ap.parse_intermixed_args(argv)
+    parts = ["trl", "self_evolving", "memory", "topk", "sweep"] if a.part == "all" else [a.part]
     for part in parts:
         b = argparse.Namespace(**vars(a))
         if part == "trl":
@@ -647,7 +703,8 @@ def main() -> None:
         elif part == "topk":
             b.examples, b.repeats = a.examples or 50_000, a.repeats or 5
         sub = argv if a.part != "all" else [part]
-        {"trl": part_trl, "self_evolving": part_self_evolving, "memory": part_memory, "topk": part_topk}[part](b, sub)
+        {"trl": part_trl, "self_evolving": part_self_evolving, "memory": part_memory, "topk": part_topk,
+         "sweep": part_sweep}[part](b, sub)
 
 
 if __name__ == "__main__":
