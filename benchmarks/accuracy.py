@@ -72,7 +72,7 @@ def run(args, command: str) -> dict:
     state["meta"] = {"model": args.model, "tasks": args.tasks, "per_task": args.per_task, "warmup": args.warmup,
                      "noise_rate": args.noise_rate, "data_seed": args.data_seed, "seeds": args.seeds,
                      "keep_ratio": args.keep_ratio, "eval_limit": args.eval_limit, "chunks": args.chunks,
-                     "data": meta["counts"], "noise": meta.get("noise_counts"),
+                     "data": meta["counts"], "noise": meta["noise"]["per_kind"],
                      "commands": sorted(set(state.get("meta", {}).get("commands", []) + [command]))}
     score = dict(tasks=args.tasks, limit=args.eval_limit, data_root=str(data / "heldout"), batch_size=8)
     if state["base"] is None:
@@ -204,7 +204,8 @@ def write_report(state: dict, out: Path) -> None:
              f"Training pool: {sum(c['train'] for c in meta['data'].values())} records "
              f"({', '.join(t + ' ' + str(c['train']) for t, c in meta['data'].items())}), "
              f"noise rate {meta['noise_rate']} "
-             f"({meta['noise']}); clean warm-up {sum(c['warmup'] for c in meta['data'].values())} records; "
+             f"({', '.join(f'{k} {n}' for k, n in (meta['noise'] or {}).items())} records); "
+             f"clean warm-up {sum(c['warmup'] for c in meta['data'].values())} records; "
              f"held-out halves scored on their first {meta['eval_limit']} documents per task. Keep ratio "
              f"{meta['keep_ratio']}, seeds {meta['seeds']} (the seed changes training order, initialisation and random "
              "choices; the data are fixed). acc as lm-eval reports it; mean ± std over seeds; 'vs full' is the "
