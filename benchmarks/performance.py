@@ -641,10 +641,13 @@ def part_sweep(a, argv) -> None:
              f"| **sweep / one run** | **{sweep / single:.2f}x** |",
              f"| without the cache (each point computes everything): {len(ratios)} x one run | "
              f"{len(ratios) * single:.0f} ({len(ratios)}.00x) |", "",
-             "Seconds per stage, from each run's manifest ('cached': linked from the score cache):", "",
-             *_table(["run", "base losses", "reference", "select", "final (training + held-out losses)"], rows),
+             "Seconds per stage, from each run's manifest ('cached': linked from the score cache; the base-loss "
+             "stage runs inside the reference stage, whose seconds include it):", "",
+             *_table(["run", "base losses", "reference (incl. base losses)", "select",
+                      "final (training + held-out losses)"], rows),
              "", "A sweep point still trains its own final model (its keep ratio changes what it learns from): that "
-             "stage bounds what a cache can save.", "", _machine()]
+             "stage bounds what a cache can save. With n points, a sweep costs at least one run plus (n - 1) final "
+             "stages.", "", _machine()]
     write_section("sweep", "\n".join(lines), Path(a.out))
 
 
