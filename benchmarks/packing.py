@@ -48,20 +48,16 @@ def make_batch(ids, target, idx, layout: str) -> dict:
             **({"weights": b["weights"]} if "weights" in b else {})}
 
 
-def stage_seed(cfg, stage: str) -> int:
-    from tokenclean.rundir import fingerprint
-    return int(fingerprint(cfg.seed, stage)[:8], 16)      # as Job.stage_seed
-
-
 def forwards(cfg, data) -> dict:
     """Every forward pass of the fixed job, as (examples, indices): training micro-batches, then scoring batches."""
     from tokenclean.losses import length_batches
+    from tokenclean.pipelines.job import stage_seed
     from tokenclean.train import micro_batches, plan_steps
 
     t = cfg.training
     n_micro = math.ceil(t.batch_size / t.micro_batch_size)
     train = [(ex, b) for stage, ex in (("reference", data.warmup), ("final", data.train))
-             for step in plan_steps(len(ex), t, stage_seed(cfg, stage))
+             for step in plan_steps(len(ex), t, stage_seed(cfg.seed, stage))
              for b in micro_batches(step, 0, 1, t.micro_batch_size, n_micro) if len(b)]
     score = [(ex, b) for ex in (data.train, data.train, data.eval, data.eval, data.eval)
              for b in length_batches(ex.input_ids.lengths, t.score_batch_size)]
@@ -119,7 +115,7 @@ def main() -> None:
     from tokenclean.dist import make_accelerator
     from tokenclean.losses import TokenLoss, length_batches
     from tokenclean.models import load_model, load_tokenizer
-    from tokenclean.pipelines.job import read_data, tokenize_data
+    from tokenclean.pipelines.job import read_data, stage_seed, tokenize_data
     from tokenclean.ragged import Ragged
     from tokenclean.train import micro_batches, plan_steps
 
@@ -135,7 +131,7 @@ def main() -> None:
 
     model = TokenLoss(load_model(path, cfg.model, cfg.seed), t.loss_chunk_size).to(acc.device)
     n_micro = math.ceil(t.batch_size / t.micro_batch_size)
-    steps = plan_steps(len(data.train), t, stage_seed(cfg, "final"))[:a.steps]
+    steps = plan_steps(len(data.train), t, stage_seed(cfg.seed, "final"))[:a.steps]
     n, length = t.micro_batch_size, cfg.data.max_length
     rng = np.random.default_rng(0)
     full = Ragged.from_list([rng.integers(10, 1000, length) for _ in range(n)], np.int64)

@@ -14,11 +14,11 @@ def planned_steps(run_dir, n, stage):
     from omegaconf import OmegaConf
 
     from tokenclean.config import TrainingConfig
-    from tokenclean.rundir import fingerprint
+    from tokenclean.pipelines.job import stage_seed
     from tokenclean.train import plan_steps
     conf = OmegaConf.load(run_dir / "config.yaml")
     tcfg = TrainingConfig(**OmegaConf.to_container(conf.training))
-    return plan_steps(n, tcfg, int(fingerprint(conf.seed, stage)[:8], 16))   # Job.stage_seed
+    return plan_steps(n, tcfg, stage_seed(conf.seed, stage))
 
 
 def per_step_kept(run_dir, target, ratio, stage="final", scores=None, keep=None):

@@ -89,6 +89,12 @@ def check_eval_tasks(cfg: Config) -> None:
             raise ConfigError(f"eval.tasks={list(cfg.eval.tasks)}: {e}") from None
 
 
+
+def stage_seed(seed: int, stage: str) -> int:
+    """The seed of one stage's random choices (its step plan, a random selection): the run's seed and the stage's
+    name, so stages never share a stream and a resumed stage draws what it drew before."""
+    return int(fingerprint(seed, stage)[:8], 16)
+
 class Job:
     def __init__(self, cfg: Config, run_dir: Path, config_dict: dict):
         from tokenclean.assets import resolve_model
@@ -177,7 +183,7 @@ class Job:
             torch.cuda.empty_cache()
 
     def stage_seed(self, stage: str) -> int:
-        return int(fingerprint(self.cfg.seed, stage)[:8], 16)
+        return stage_seed(self.cfg.seed, stage)
 
     # -- per-token arrays --------------------------------------------------------------------------------------------
     def losses(self, model, examples: Examples, desc: str, entropy: bool = False):
