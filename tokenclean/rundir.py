@@ -4,7 +4,8 @@ A run directory belongs to one config and one dataset. `manifest.json` lists eve
 measured; it is written (by rank 0, atomically) only after the stage's files, so it is the commit point: a stage
 listed there is never redone, a stage not listed is redone from its start, replacing any partial output.
 
-    run = RunDir(path, accelerator, config_dict, data_fingerprint, resume=True)
+    run = RunDir(path, accelerator, config_dict, data_fingerprint, resume=True,
+                 verify_array=Ragged.verify)   # how a stored per-token array is checked on resume
     if not run.done("reference"):
         with run.stage("reference") as st:
             ...                       # write the stage's files
@@ -341,7 +342,7 @@ class RunDir:
     active: "RunDir | None" = None   # this process's run, for saying where it stopped (__main__)
 
     def __init__(self, path: Path, accelerator, config_dict: dict, data_fingerprint: str, resume: bool,
-                 verify_array=None):
+                 verify_array):
         """verify_array(path): raises if the per-token array stored at `path` is incomplete or damaged (on resume,
         every completed stage's arrays are checked before anything runs)."""
         self.path, self.acc, self.running, self.stopped_in = Path(path), accelerator, [], None
@@ -437,7 +438,7 @@ class RunDir:
         """Every array of a completed stage is there at its recorded size (hashed when loaded); every checkpoint
         matches its checksums."""
         for info in manifest["stages"].values():
-            for rel in info.get("arrays", ()) if self.verify_array else ():
+            for rel in info.get("arrays", ()):
                 self.verify_array(self.path / rel)
         for marker in self.path.rglob(CHECKSUMS):
             check_checksums(marker.parent)
