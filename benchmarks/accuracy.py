@@ -126,8 +126,9 @@ def noise_drops(work: Path, state: dict, tokenizer_dir: str) -> dict:
     # a row is matched to its record by its response text (a record the tokenizer step skipped has no row)
     by_text = {r["completion"].strip(): i for i, r in enumerate(records)}
     row_record, is_noise = [], []          # per row of the pool: its record, a bool per response token
-    for labels in full_labels:
-        ids = [y for y in labels if y != -100]
+    response = [[j for j, y in enumerate(labels) if y != -100] for labels in full_labels]
+    for labels, pos in zip(full_labels, response):
+        ids = [labels[j] for j in pos]
         text = tok.decode(ids)
         i = next((j for c, j in by_text.items() if c and c in text), None)
         row_record.append(i)
@@ -153,8 +154,7 @@ def noise_drops(work: Path, state: dict, tokenizer_dir: str) -> dict:
             dropped = {k: [0, 0] for k in dict.fromkeys(kinds)}
             dropped["clean tokens"] = [0, 0]
             for row, i in zip(labels, order):
-                pos = [j for j, y in enumerate(full_labels[i]) if y != -100]
-                drop = np.array([row[j] == -100 for j in pos], bool)
+                drop = np.array([row[j] == -100 for j in response[i]], bool)
                 noise = is_noise[i]
                 if kinds[i] != "clean":
                     dropped[kinds[i]][0] += int(drop[noise].sum())
