@@ -1,7 +1,8 @@
 """What a run kept and dropped, in a form people and other tools can use.
 
   cleaned.parquet  input_ids / attention_mask / labels (-100 on prompt and dropped tokens): the cleaned dataset, which
-                   TRL's SFTTrainer (or any HF Trainer) uses as is
+                   TRL's SFTTrainer (or any HF Trainer) uses as is; with selection.method=soft also `weights`, each
+                   token's float32 loss weight (0 on the prompt; labels are -100 where the weight is 0)
   report.html      the first examples token by token: prompt grey, kept green, dropped red, the score (and XTF's
                    per-attribute decisions, when present) on hover
 """
@@ -22,11 +23,10 @@ def write_cleaned(path: Path, input_ids: Ragged, keep: Ragged) -> None:
     ids = np.asarray(input_ids.values, dtype=np.int64)
     labels = np.where(np.asarray(keep.values, dtype=bool), ids, -100)
     offsets = pa.array(input_ids.offsets.astype(np.int32))
-    table = pa.table({
-        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
-        "attention_mask": pa.ListArray.from_arrays(offsets, pa.array(np.ones(len(ids), dtype=np.int8))),
-        "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
-    })
+    columns = {"input_ids": ids, "attention_mask": np.ones(len(ids), dtype=np.int8), "labels": labels}
+    if keep.values.dtype != bool:   # soft weights
+        columns["weights"] = np.asarray(keep.values, np.float32)
+    table = pa.table({k: pa.ListArray.from_arrays(offsets, pa.array(v)) for k, v in columns.items()})
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)
@@ -46,6 +46,8 @@ def write_html(path: Path, tokenizer, input_ids: Ragged, target: Ragged, keep: R
                 spans.append(f'<span class="p">{text}</span>')
                 continue
             tip = ["kept" if kp[j] else "dropped"]
+            if keep.values.dtype != bool:
+                tip.append(f"weight {keep[i][j]:.3f}")
             if sc is not None and not np.isnan(sc[j]):
                 tip.append(f"score {sc[j]:+.3f}")
             for name, marks in (attributes or {}).items():

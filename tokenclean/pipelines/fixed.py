@@ -104,10 +104,13 @@ def summarize(job: Job) -> dict:
     run = job.run
     fin, sel = run.get("final"), run.get("select")
     if sel.get("online"):   # the decisions as each token was trained, counted over every trained occurrence
-        sel = {"tokens_target": sel["tokens_target"], "tokens_kept": fin["online_kept_total"],
-               "kept_ratio": fin["online_kept_total"] / max(fin["online_tokens_trained"], 1)}
+        kept = fin["online_kept_total"]   # soft weights: their sum
+        sel = {"tokens_target": sel["tokens_target"], "kept_ratio": kept / max(fin["online_tokens_trained"], 1),
+               **({"tokens_kept": fin["tokens_kept"], "weight_sum": kept} if "weight_sum" in fin
+                  else {"tokens_kept": kept})}
     out = {"pipeline": "fixed", "tokens_scored": job.data.train.n_targets if job.scored else 0,
            "tokens_target": sel["tokens_target"], "tokens_kept": sel["tokens_kept"], "kept_ratio": sel["kept_ratio"],
+           **({"weight_sum": sel["weight_sum"]} if "weight_sum" in sel else {}),
            "eval_loss_before": fin["eval_base"].get("eval_loss"),
            "eval_loss_after": fin["eval_final"].get("eval_loss"), "checkpoint": str(run.path / "final")}
     if run.done("reference"):

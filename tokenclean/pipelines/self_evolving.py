@@ -118,11 +118,13 @@ def select_round(job: Job, model, stage: str, chunk: Examples):
 def summarize(job: Job, last: int) -> dict:
     rounds = [{"round": t, **job.run.get(f"round_{t}")} for t in range(last + 1)]
     kept, target = sum(r["tokens_kept"] for r in rounds), sum(r["tokens_target"] for r in rounds)
+    weight = sum(r.get("weight_sum", r["tokens_kept"]) for r in rounds)   # soft weights (a whole round weighs 1)
     out = {"pipeline": "self_evolving",
-           "rounds": [{k: r.get(k) for k in ("round", "tokens_target", "tokens_kept", "kept_ratio", "eval_loss")}
-                      for r in rounds],
+           "rounds": [{**{k: r.get(k) for k in ("round", "tokens_target", "tokens_kept", "kept_ratio", "eval_loss")},
+                       **({"weight_sum": r["weight_sum"]} if "weight_sum" in r else {})} for r in rounds],
            "tokens_scored": sum(r["tokens_target"] for r in rounds[1:]), "tokens_target": target,
-           "tokens_kept": kept, "kept_ratio": kept / max(target, 1),
+           "tokens_kept": kept, "kept_ratio": weight / max(target, 1),
+           **({"weight_sum": weight} if any("weight_sum" in r for r in rounds) else {}),
            "eval_loss_before": rounds[0].get("eval_base", {}).get("eval_loss"),
            "eval_loss_after": rounds[-1].get("eval_loss"), "checkpoint": str(job.run.path / f"round_{last}/model")}
     if job.cfg.eval.tasks:
