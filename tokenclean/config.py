@@ -52,6 +52,7 @@ TRScope = choices("TRScope", "global", "sample")
 Method = choices("Method", "global", "sample", "threshold", "random", "all", "soft")
 LRSchedule = choices("LRSchedule", "linear", "cosine", "constant")
 MixedPrecision = choices("MixedPrecision", "auto", "bf16", "no")
+LossKernel = choices("LossKernel", "auto", "fused", "chunked")
 PipelineName = choices("PipelineName", "fixed", "self_evolving")
 RoundSchedule = choices("RoundSchedule", "restart", "continuous")
 RoundLora = choices("RoundLora", "merge", "continue")
@@ -146,6 +147,9 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     score_batch_size: int = 16       # examples per forward pass when computing per-token losses
     loss_chunk_size: int = 2048      # response positions per LM-head chunk (bounds the logits held in memory)
+    loss_kernel: LossKernel = LossKernel.auto  # the LM head + cross-entropy: fused (Liger Kernel's fused linear
+                                     #   cross-entropy, CUDA, the gpu extra) | chunked (loss_chunk_size) | auto: fused
+                                     #   where it can run (fused_loss_unavailable), else chunked
     log_every: int = 10
     save_every: int = 50             # optimiser steps between resumable states of a training stage (0 = only when
                                      #   stopped by SIGTERM/SIGINT); a rerun resumes a stage from its last one
@@ -204,6 +208,33 @@ class Config:
                                      #   same inputs ($TOKENCLEAN_CACHE/scores, tokenclean/cache.py)
 
 
+LIGER_MIN = "0.8.2"   # the first liger-kernel whose fused linear cross-entropy has a right per-token backward
+
+
+def fused_loss_unavailable() -> str | None:
+    """Why the fused LM-head loss (liger-kernel's fused linear cross-entropy) cannot run in this process, or None.
+    It needs liger-kernel >= LIGER_MIN (`pip install 'tokenclean[gpu]'`) and a CUDA device, or Triton's CPU
+    interpreter (TRITON_INTERPRET=1: slow, for tests). Imports torch only when liger-kernel is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        have = version("liger-kernel")
+    except PackageNotFoundError:
+        return "liger-kernel is not installed"
+    from packaging.version import Version
+    if Version(have) < Version(LIGER_MIN):
+        return (f"liger-kernel {have} is installed; {LIGER_MIN} or newer is needed (older ones get per-token "
+                "gradients wrong)")
+    import torch
+    if not torch.cuda.is_available() and not triton_interprets():
+        return "no CUDA device is available"
+    return None
+
+
+def triton_interprets() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1, read when a kernel is defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 def validate(cfg: Config) -> None:
     """Every check that needs no model. Raises ConfigError naming the override to change."""
     m, d, s, t, p = cfg.model, cfg.data, cfg.selection, cfg.training, cfg.pipeline
@@ -244,6 +275,11 @@ def validate(cfg: Config) -> None:
           f"must be >= training.micro_batch_size ({t.micro_batch_size})")
     check(t.score_batch_size >= 1, "training.score_batch_size", t.score_batch_size, "must be at least 1")
     check(t.loss_chunk_size >= 1, "training.loss_chunk_size", t.loss_chunk_size, "must be at least 1")
+    if t.loss_kernel == "fused":
+        why = fused_loss_unavailable()
+        check(why is None, "training.loss_kernel", t.loss_kernel,
+              f"{why}; the fused loss needs a CUDA device and liger-kernel>={LIGER_MIN} (pip install "
+              "'tokenclean[gpu]'): install them, or set training.loss_kernel=auto to use the chunked path here")
     check(t.save_every >= 0, "training.save_every", t.save_every, "must be a step count >= 0 (0 = off)")
     check(t.keep_checkpoints >= 1, "training.keep_checkpoints", t.keep_checkpoints, "must be at least 1")
 

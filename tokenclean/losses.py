@@ -6,9 +6,19 @@ the whole batch ([batch, length, vocab]: 2 GB for 8 x 2048 x 128k) never exist. 
 in one module keeps DDP and DeepSpeed in charge of it (ZeRO-3 gathers the LM head inside this forward).
 Training and scoring feed it packed batches (`collate(..., packed=True)`): several examples to a row, so that few
 positions go to padding.
+
+On CUDA, with liger-kernel installed (the `gpu` extra), the LM head and the cross-entropy run instead through Liger
+Kernel's fused linear cross-entropy (reduction="none": per-token losses; the logits exist one small block at a time
+and are recomputed in backward). `kernel` ("auto" | "fused" | "chunked", training.loss_kernel) chooses: auto takes
+the fused path where it can run and the chunked one elsewhere (CPU, an LM head that is not a plain nn.Linear: LoRA
+on the head, ZeRO-3 shards). Entropy (the entropy scorer, XTF) always takes the chunked path. liger-kernel >= 0.8.2
+is required: before it, reduction="none" multiplied every token's gradient by the first token's upstream gradient
+(linkedin/Liger-Kernel#968, fixed by #1298), which would silently break weighted and masked training.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import numpy as np
@@ -18,15 +28,23 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from tokenclean.config import ConfigError, fused_loss_unavailable, triton_interprets
 from tokenclean.dist import gather
 from tokenclean.ragged import Ragged
 
+log = logging.getLogger(__name__)
+KERNELS = ("auto", "fused", "chunked")
+
 
 class TokenLoss(nn.Module):
-    def __init__(self, lm: nn.Module, chunk_size: int = 2048):
+    def __init__(self, lm: nn.Module, chunk_size: int = 2048, kernel: str = "auto"):
         super().__init__()
+        if str(kernel) not in KERNELS:
+            raise ValueError(f"kernel={kernel!r}: one of {', '.join(KERNELS)}")
         self.lm = lm
         self.chunk_size = chunk_size
+        self.kernel = str(kernel)
+        self.path = None                # the path the last loss forward took: "fused" | "chunked"
 
     @property
     def config(self):
@@ -36,6 +54,22 @@ class TokenLoss(nn.Module):
     def causal_lm(self) -> nn.Module:
         """The transformers CausalLM inside (under a peft wrapper, its LoRA layers are injected in place)."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def resolve_kernel(self, device: torch.device | str) -> str:
+        """The path the LM head and cross-entropy take for hidden states on `device`: "fused" or "chunked".
+        kernel="fused" where the fused path cannot run raises ConfigError, saying why."""
+        if self.kernel == "chunked":
+            return "chunked"
+        device = torch.device(device)
+        why = _fused_problem(self.causal_lm().get_output_embeddings(), device, interpreter_ok=self.kernel == "fused")
+        if why is None:
+            return "fused"
+        if self.kernel == "fused":
+            raise ConfigError(f"training.loss_kernel='fused': {why}; set training.loss_kernel=auto to use the "
+                              "chunked path there")
+        if device.type == "cuda" and self.path is None:
+            log.info("per-token losses through the chunked LM head: %s", why)
+        return "chunked"
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, entropy: bool = False):
@@ -68,6 +102,13 @@ class TokenLoss(nn.Module):
         y = input_ids[rows, cols]
         head = lm.get_output_embeddings()
         cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+        if not entropy and self.resolve_kernel(h.device) == "fused":
+            if self.path != "fused":
+                log.info("per-token losses through liger-kernel's fused linear cross-entropy")
+            self.path = "fused"
+            losses = _fused_head_ce(head, h, y, cap)
+            return losses * 0 if empty else losses
+        self.path = "chunked"
         n_chunks = _same_on_every_rank(math.ceil(len(y) / self.chunk_size), head, h.device)
         chunks, padding, entropies = [], [], []
         for i in range(n_chunks):
@@ -114,6 +155,46 @@ def _head_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor, cap, entropy: bo
         return losses
     logp = torch.log_softmax(logits, dim=-1)
     return losses, -(logp.exp() * logp).sum(-1)
+
+
+def _fused_problem(head: nn.Module, device: torch.device, interpreter_ok: bool) -> str | None:
+    """Why the fused kernel cannot compute this head's losses on `device`, or None. It multiplies by head.weight
+    itself, so the head must be a plain nn.Linear that holds its whole weight, with no hooks that change it."""
+    if device.type != "cuda" and not (interpreter_ok and triton_interprets()):
+        return f"the model is on {device.type}, not on a CUDA device"
+    why = _liger_problem()
+    if why is not None:
+        return why
+    if not isinstance(head, nn.Linear) or not head.weight.dtype.is_floating_point:
+        return (f"the LM head is a {type(head).__name__} of {head.weight.dtype} weights, not a plain nn.Linear "
+                "(LoRA or modules_to_save on the head, a quantised head)")
+    if hasattr(head.weight, "ds_id"):
+        return "the LM head is sharded by DeepSpeed ZeRO-3 (the fused kernel needs its whole weight)"
+    if head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"):
+        return "the LM head has forward hooks (offloading, or hooks that change its output)"
+    return None
+
+
+@functools.cache
+def _liger_problem() -> str | None:
+    why = fused_loss_unavailable()
+    if why is not None:
+        return f"{why} (pip install 'tokenclean[gpu]')"
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: F401
+    except Exception as e:  # noqa: BLE001  a broken triton or CUDA install shows up as many kinds of error
+        return f"liger-kernel does not import ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+    return None
+
+
+def _fused_head_ce(head: nn.Linear, h: torch.Tensor, y: torch.Tensor, cap) -> torch.Tensor:
+    """The chunked path's `_head_ce` losses (fp32) through liger-kernel. Under autocast the kernel's matmuls run in
+    the autocast dtype and its softmax in fp32, as the chunked path's head(h).float() does. The head's weight
+    gradient is summed over the kernel's blocks in fp32 (bf16 weights: it halves the error against fp64; the cost
+    is an fp32 copy of that gradient while backward runs), then cast to the weight's dtype."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    return liger_fused_linear_cross_entropy(h, head.weight, y, bias=head.bias, reduction="none",
+                                            softcap=cap if cap else None, accum_dtype=torch.float32)
 
 
 def collate(input_ids: Ragged, weights, indices, pad_id: int = 0, packed: bool = False) -> dict:
