@@ -182,6 +182,31 @@ def test_zero3_two_processes_equal_one_and_checkpoints_reload(dist_env, referenc
     torch.testing.assert_close(got(ids).logits, want(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("scorer", [pytest.param("entropy", marks=pytest.mark.slow), "self_online"])
+def test_soft_weights_ddp_two_processes_equal_one(dist_env, tmp_path, scorer):
+    """selection=soft: training minimises sum(w l) / sum(w) over the whole step, all ranks and micro-batches, so 2
+    processes x 2 micro-batches make the same update as 1 process (entropy: weights fixed before training; the
+    online self_online: each step's weights from a pre-pass whose losses the ranks add up)."""
+    job = ["model=tiny", "tracking=none", "data.limit=120", "data.eval_size=16", "training.micro_batch_size=2",
+           "selection=soft", f"scorer={scorer}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_ok(dist_env, tmp_path, [*job, f"hydra.run.dir={one}"], config="single.yaml")
+    run_ok(dist_env, tmp_path, [*job, f"hydra.run.dir={two}"], config="ddp.yaml",
+           launcher_args=["--num_processes", "2"])
+    w_one, w_two = (np.load(d / "keep.values.npy") for d in (one, two))
+    assert w_one.dtype == np.float32 and 0 < w_one.sum() < np.count_nonzero(w_one)   # real fractional weights
+    np.testing.assert_allclose(w_two, w_one, rtol=0, atol=1e-5)
+    from safetensors.torch import load_file
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (one, two))
+    for k in a:
+        diff = (b[k] - a[k]).abs()
+        assert diff.norm() <= RTOL_FRO * a[k].norm(), (k, (diff.norm() / a[k].norm()).item())
+        assert diff.max() <= ATOL_MAX, (k, diff.max().item())
+    s_one, s_two = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert s_two["weight_sum"] == pytest.approx(s_one["weight_sum"], rel=1e-5)
+    assert s_two["eval_loss_after"] == pytest.approx(s_one["eval_loss_after"], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------- failure
 FAIL_SCRIPT = str(ROOT / "tests" / "dist" / "fail_rank.py")
 

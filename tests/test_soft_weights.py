@@ -150,7 +150,7 @@ def check_online(run, keep, scores, target, stage):
                                    soft_weights(sc, 0.6, 0.5), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("scorer", ["influence", "entropy", "rho", "xtf",
+@pytest.mark.parametrize("scorer", ["influence", "rho", "xtf", pytest.param("entropy", marks=pytest.mark.slow),
                                     pytest.param("self_online", marks=pytest.mark.slow)])
 def test_fixed_pipeline(tmp_path, scorer):
     run = tmp_path / scorer
