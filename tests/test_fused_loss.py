@@ -112,6 +112,14 @@ def test_fused_off_cuda_is_refused_by_the_model_too(tiny_lm, monkeypatch):
         TokenLoss(tiny_lm(), kernel="on")
 
 
+def test_the_config_key_reaches_the_training_model(tiny_lm, accelerator):
+    from tokenclean.config import TrainingConfig
+    from tokenclean.train import prepare
+    for kernel in ("chunked", "auto"):
+        p = prepare(accelerator, tiny_lm(), 8, TrainingConfig(loss_kernel=kernel, mixed_precision="no"), seed=0)
+        assert accelerator.unwrap_model(p.model).kernel == kernel
+
+
 def test_fused_without_cuda_stops_before_any_model_loads(tmp_path):
     """The CLI, as a user runs it: one line naming the override and the extra, exit 2, no run started."""
     env = {"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0"}

@@ -130,7 +130,7 @@ def prepare(accelerator, lm: torch.nn.Module, n_examples: int, cfg: TrainingConf
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(lm, "enable_input_require_grads"):
             lm.enable_input_require_grads()
-    model = TokenLoss(lm, cfg.loss_chunk_size)
+    model = TokenLoss(lm, cfg.loss_chunk_size, cfg.loss_kernel)
     optimizer = make_optimizer(model, cfg)
     total = steps_total or len(steps)
     scheduler = get_scheduler("constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule, optimizer,

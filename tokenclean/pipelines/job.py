@@ -145,7 +145,7 @@ class Job:
         from tokenclean.models import load_model
         with not_sharded(self.acc):
             lm = load_model(path, self.cfg.model, self.cfg.seed, lora=False)
-        return TokenLoss(lm, self.cfg.training.loss_chunk_size).to(self.acc.device)
+        return TokenLoss(lm, self.cfg.training.loss_chunk_size, self.cfg.training.loss_kernel).to(self.acc.device)
 
     def fit(self, prepared, examples: Examples, keep: Ragged, stage: str, round_index: int | None = None,
             online=None) -> dict:
@@ -204,7 +204,8 @@ class Job:
         t = self.cfg.training
         # every part is scored in one pass (its batches mix the parts), so the key is the parts, in order
         inputs = self.cache_inputs(parts=[p.fingerprint() for _, p in parts], entropy=entropy,
-                                   score_batch_size=t.score_batch_size, loss_chunk_size=t.loss_chunk_size)
+                                   score_batch_size=t.score_batch_size, loss_chunk_size=t.loss_chunk_size,
+                                   loss_kernel=str(t.loss_kernel))   # fused and chunked round differently on GPU
 
         def compute() -> dict:
             every = Examples(Ragged.concat([p.input_ids for _, p in parts]),
