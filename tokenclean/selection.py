@@ -8,10 +8,14 @@ position) is kept, which is what the reference code's stable Python sort does, w
 Speed (benchmarks/performance.py, `topk`): scores are compared in their own floating dtype (float32 -> float64 is
 exact and keeps the order, so a float64 copy would change nothing), and every rule is "keep what is above a cut
 value, then the ties at the cut in position order":
-  global  the cut is the k-th largest candidate, found on a strided sample's narrow band around it (O(n) compares
-          and a partition of the band; the whole array is partitioned only when the band misses)
+  global  the cut is the k-th largest candidate: a strided sample brackets it, then one pass over the scores in
+          cache-sized blocks writes the keep mask above the bracket and takes the ~1% inside it, which alone is
+          partitioned (O(n) compares; the plain way, with a whole partition, only when the bracket misses or NaN
+          is not exactly off the candidates)
   sample  each example's cut comes from one row sort per example, on rows of similar length laid out as 2D blocks
-          (numpy sorts each row with SIMD; no lexsort of the whole array)
+          (numpy sorts each row with SIMD; no lexsort of the whole array), read straight from the scores when each
+          example's candidates are its last positions (else from the packed candidates); the candidates per
+          example come from a running count of the mask read 8 positions at a time
 """
 from __future__ import annotations
 
@@ -66,30 +70,29 @@ def keep_mask(scores: Ragged | None, target: Ragged, method: str, keep_ratio: fl
         v = v.astype(np.float64)
     if method not in ("global", "sample", "threshold"):
         raise ValueError(f"unknown selection method {method!r}; expected one of {HARD}")
+    if method == "sample":
+        return target.like(_sample_keep(v, is_target, target.offsets, keep_ratio))
     n = int(np.count_nonzero(is_target))
     if method == "global":
-        keep = _global_keep(v, is_target, n, target, keep_ratio)
-    else:
-        nan_off = _nan_marks_the_rest(v, is_target, n, target)
-        if method == "sample":
-            keep = _sample_keep(v, is_target, n, target.offsets, keep_ratio, nan_off)
-        else:   # compared in float64, as a float32 score against the float64 threshold must be
-            keep = np.greater(v, threshold, signature=(np.float64, np.float64, np.bool_))
-            if not nan_off:
-                keep &= is_target
+        return target.like(_global_keep(v, is_target, n, target, keep_ratio))
+    # compared in float64, as a float32 score against the float64 threshold must be
+    keep = np.greater(v, threshold, signature=(np.float64, np.float64, np.bool_))
+    if not _nan_marks_the_rest(v, is_target, n, target):
+        keep &= is_target
     return target.like(keep)
 
 
-def _nan_marks_the_rest(v: np.ndarray, is_target: np.ndarray, n: int, target: Ragged) -> bool:
+def _nan_marks_the_rest(v: np.ndarray, is_target: np.ndarray, n: int, target: Ragged, block: int = 1 << 17) -> bool:
     """Raise when a candidate has no score (NaN). True when NaN marks exactly the other positions, as the scorers
-    write them (or there are none): comparisons then leave those out by themselves (NaN compares False)."""
-    nan = np.isnan(v)
-    if n == len(v):
-        bad = nan
-    elif (nan ^ is_target).all():
+    write them (or there are none): comparisons then leave those out by themselves (NaN compares False).
+    The common case is checked in cache-sized blocks (isnan and its comparison with the mask stay in cache)."""
+    def marks_the_rest(i):
+        nan = np.isnan(v[i:i + block])
+        return np.logical_xor(nan, is_target[i:i + block], out=nan).all()
+
+    if n < len(v) and all(marks_the_rest(i) for i in range(0, len(v), block)):
         return True
-    else:
-        bad = nan & is_target
+    bad = np.isnan(v) & is_target
     if bad.any():
         example = int(np.searchsorted(target.offsets, int(np.argmax(bad)), side="right") - 1)
         raise ValueError(f"example {example} has a response token without a score (NaN)")
@@ -103,24 +106,22 @@ def kept_count(n, ratio):
 
 def _global_keep(v: np.ndarray, is_target: np.ndarray, n: int, target: Ragged, ratio: float) -> np.ndarray:
     """The k = floor(n * ratio) largest candidates, ties to the earlier position: every candidate above the k-th
-    largest, then the ones equal to it in position order. Works on the scores as they are when NaN marks exactly
-    the non-candidates (as the scorers write them: NaN sorts above every number in np.partition, and compares
-    False), which the pass that finds the k-th largest checks on its way; else on a copy with -inf there (below
-    every candidate)."""
+    largest, then the ones equal to it in position order. One banded pass when NaN marks exactly the
+    non-candidates (as the scorers write them); else on the scores as they are (NaN sorts above every number in
+    np.partition, and compares False), or on a copy with -inf off the candidates (below every candidate)."""
     k = int(kept_count(n, ratio))
     if k <= 0 or k >= n:
         _nan_marks_the_rest(v, is_target, n, target)
         return is_target.copy() if k >= n > 0 else np.zeros(len(v), dtype=bool)
-    x, found = v, _kth_smallest(v, n - k, len(v) - n, non_nan=is_target)
-    nan_off = found is not None
-    if found is None:
-        nan_off = _nan_marks_the_rest(v, is_target, n, target)
-        if nan_off:
-            found = _kth_smallest(v, n - k, len(v) - n)
-        else:
-            x = np.where(is_target, v, v.dtype.type(-np.inf))
-            found = _kth_smallest(x, len(v) - k)
-    kth, ties = found
+    keep = _banded_keep(v, is_target, n, k)
+    if keep is not None:
+        return keep
+    x, nan_off = v, _nan_marks_the_rest(v, is_target, n, target)
+    if nan_off:
+        kth, ties = _kth_smallest(v, n - k, len(v) - n)
+    else:
+        x = np.where(is_target, v, v.dtype.type(-np.inf))
+        kth, ties = _kth_smallest(x, len(v) - k)
     keep = x > kth                 # never a non-candidate: NaN compares False, -inf <= kth
     missing = k - int(np.count_nonzero(keep))
     if kth == -np.inf and not nan_off:        # the filled -inf ties with the cut: only candidates count
@@ -131,18 +132,60 @@ def _global_keep(v: np.ndarray, is_target: np.ndarray, n: int, target: Ragged, r
     return keep
 
 
-def _kth_smallest(x: np.ndarray, r: int, n_nan: int = 0, sample: int = 1 << 17, non_nan: np.ndarray | None = None,
-                  block: int = 1 << 17):
+def _banded_keep(v: np.ndarray, is_target: np.ndarray, n: int, k: int, sample: int = 1 << 17,
+                 block: int = 1 << 17) -> np.ndarray | None:
+    """The keep mask of the k largest of the n candidates in one pass over the scores, or None when this way cannot
+    tell (too few positions, a bracket off the numbers or missing the cut, NaN not exactly off the candidates).
+
+    A strided sample brackets the cut (the (n-k)-th smallest candidate); the pass goes in cache-sized blocks and
+    per block writes keep = above the bracket, checks that NaN marks exactly the non-candidates (a number is above
+    the bracket's high end or not, NaN neither: then comparisons leave the non-candidates out by themselves), counts
+    what lies at or above the low end and takes the positions inside the bracket (about 1% of them; every tie is
+    there). Only those are partitioned, and only their keep bits are set afterwards."""
+    size, r = len(v), n - k
+    step = max(size // sample, 1)
+    smp = v[::step]
+    at, d = r * len(smp) // size, int(2 * np.sqrt(len(smp))) + 16   # d: >= 4 standard deviations of the sample rank
+    if size <= 8 * sample or at - d <= 0 or at + d >= len(smp) - 1:
+        return None
+    smp = np.partition(smp, [at - d, at + d])
+    lo, hi = smp[at - d], smp[at + d]
+    if np.isnan(hi):
+        return None
+    keep = np.empty(size, dtype=bool)
+    n_ge, where, band = 0, [], []
+    for i in range(0, size, block):
+        part = v[i:i + block]
+        above = np.greater(part, hi, out=keep[i:i + block])
+        inside = part <= hi
+        number = inside | above
+        if np.logical_xor(number, is_target[i:i + block], out=number).any():
+            return None
+        ge = part >= lo
+        n_ge += int(np.count_nonzero(ge))
+        inside &= ge
+        idx = inside.nonzero()[0]
+        where.append(idx + i)
+        band.append(part[idx])              # read here, while the block is in cache
+    where, band = np.concatenate(where), np.concatenate(band)
+    rb = r - (n - n_ge)                     # the cut's rank inside the band: n - n_ge candidates lie below it
+    if not 0 <= rb < len(band):
+        return None
+    kth = np.partition(band, rb)[rb]
+    up = band > kth
+    keep[where[up]] = True
+    missing = k - (n_ge - len(band)) - int(np.count_nonzero(up))
+    keep[where[band == kth][:missing]] = True
+    return keep
+
+
+def _kth_smallest(x: np.ndarray, r: int, n_nan: int = 0, sample: int = 1 << 17, block: int = 1 << 17):
     """(x's r-th smallest value, the positions of the values equal to it or None), for r below len(x) - n_nan:
     NaN (n_nan of them) sort last, as in np.partition.
 
     On a large array a strided sample brackets the value; one pass over x in cache-sized blocks counts what lies
     below the bracket and takes what lies inside (about 2% of x: every tie is there), and only that band is
-    partitioned. Exact either way: when the band misses, the whole array is partitioned.
-
-    non_nan: a mask that must be True exactly where x is a number (n_nan counts its False), checked on that pass
-    (a number is >= the bracket's low end or <= its high end, NaN neither). Returns None when it does not hold, or
-    when x is too small or r too close to an end for the bracket (the caller then checks the plain way)."""
+    partitioned. Exact either way: when the band misses, the whole array is partitioned."""
     n = len(x)
     step = max(n // sample, 1)
     ns = (n + step - 1) // step
@@ -152,20 +195,15 @@ def _kth_smallest(x: np.ndarray, r: int, n_nan: int = 0, sample: int = 1 << 17, 
     if n > 8 * sample and lo_i > 0 and hi_i < ns - 1:
         smp = np.partition(x[::step], [lo_i, hi_i])
     if smp is None or np.isnan(smp[hi_i]):
-        return None if non_nan is not None else (np.partition(x, r)[r], None)
+        return np.partition(x, r)[r], None
     lo, hi = smp[lo_i], smp[hi_i]
-    below, ok, where = n - n_nan, True, []
+    below, where = n - n_nan, []
     for i in range(0, n, block):
         part = x[i:i + block]
         inside = part >= lo
-        le = part <= hi
         below -= int(np.count_nonzero(inside))
-        if non_nan is not None and ok:
-            ok = np.array_equal(inside | le, non_nan[i:i + block])
-        inside &= le
+        inside &= part <= hi
         where.append(np.flatnonzero(inside) + i)
-    if not ok:
-        return None
     where = np.concatenate(where)
     band = x[where]
     if below <= r < below + len(band):
@@ -187,59 +225,104 @@ def _top_k(s: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.concatenate([above, ties]))
 
 
-def _row_counts(is_target: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Candidates per example (reduceat over the non-empty examples only: it misreads empty ones)."""
-    lengths = np.diff(offsets)
-    counts = np.zeros(len(lengths), dtype=np.int64)
-    full = lengths > 0
-    if full.any():
-        counts[full] = np.add.reduceat(is_target.view(np.uint8), offsets[:-1][full], dtype=np.int32)
-    return counts
+def _running_count(is_target: np.ndarray):
+    """A function of positions p: the number of candidates before each p. The mask is read 8 positions at a time (a
+    uint64 word of eight 0/1 bytes has as many set bits as True bytes): a running count over the whole words before
+    p's word, plus the bytes of p's word before p, plus the last positions (past the whole words) one by one."""
+    b = np.ascontiguousarray(is_target).view(np.uint8)
+    whole = len(b) // 8 * 8
+    words = b[:whole].view(np.uint64) if whole else np.zeros(1, dtype=np.uint64)
+    run = np.zeros(whole // 8 + 1, dtype=np.int32 if len(b) < 1 << 31 else np.int64)   # int32: half the memory
+    run[1:] = np.bitwise_count(words[:whole // 8])
+    np.cumsum(run, out=run)
+    tail = np.zeros(8, dtype=np.int64)                          # [j]: Trues among the first j last positions
+    np.cumsum(b[whole:], out=tail[1:len(b) - whole + 1])
+    first_bytes = np.tril(np.full((8, 8), 255, dtype=np.uint8), -1).view(np.uint64).ravel()  # [r]: a word's first r
+
+    def before(p: np.ndarray) -> np.ndarray:
+        q = np.minimum(p, whole)
+        word, rest = np.divmod(q, 8)
+        head = np.bitwise_count(words[np.minimum(word, len(words) - 1)] & first_bytes[rest])
+        return run[word] + head.astype(np.int64) + tail[p - q]
+    return before
 
 
-def _sample_keep(v: np.ndarray, is_target: np.ndarray, n: int, offsets: np.ndarray, ratio: float, nan_off: bool,
-                 block: int = 1 << 21) -> np.ndarray:
+def _sample_keep(v: np.ndarray, is_target: np.ndarray, offsets: np.ndarray, ratio: float,
+                 rows_per_pass: int = 512) -> np.ndarray:
     """Within each example, the floor(n_e * ratio) largest candidates, ties to the earlier position: every
-    candidate above the example's cut (its k-th largest), then the ones equal to it in position order.
+    candidate above the example's cut (_sample_cuts), then the first need[e] ties at the cut in position order.
+    Raises on a candidate without a score (NaN), checked on the way."""
+    before = _running_count(is_target)
+    at_offsets = before(offsets)
+    counts = np.diff(at_offsets)
+    # the rows are read from the scores as they are when each example's candidates are its last positions (a
+    # prompt, then its response: the usual layout), which holds when no candidate comes before the first of them;
+    # else from the candidates, packed
+    last = offsets[1:] - counts
+    if (before(last) == at_offsets[:-1]).all():
+        cut, need = _sample_cuts(v, last, counts, ratio)
+    else:
+        cut, need = _sample_cuts(v[is_target], at_offsets[:-1], counts, ratio)
 
-    The cuts come from sorting each example's candidates as one row of a 2D block of examples of similar candidate
-    count (shorter rows padded with -inf, which sorts below every candidate; blocks of at most `block` values)."""
-    counts = _row_counts(is_target, offsets)
+    keep = np.empty(len(v), dtype=bool)
+    lengths = np.diff(offsets)
+    for e in range(0, len(lengths), rows_per_pass):      # each example's cut repeated over its positions, in pieces
+        a, b = offsets[e], offsets[min(e + rows_per_pass, len(lengths))]             # that stay in cache
+        part, cand = v[a:b], is_target[a:b]
+        nan = np.isnan(part)
+        if np.logical_and(nan, cand, out=nan).any():
+            example = int(np.searchsorted(offsets, a + int(np.argmax(nan)), side="right") - 1)
+            raise ValueError(f"example {example} has a response token without a score (NaN)")
+        np.greater(part, np.repeat(cut[e:e + rows_per_pass], lengths[e:e + rows_per_pass]), out=keep[a:b])
+        keep[a:b] &= cand
+    partial = np.flatnonzero(need)
+    if len(partial):                                         # the first need[e] ties of these examples
+        pos = _ranges(offsets[partial], offsets[partial + 1])
+        ex = np.repeat(partial, lengths[partial])
+        hit = (v[pos] == cut[ex]) & is_target[pos]
+        pos, ex = pos[hit], ex[hit]
+        first = np.flatnonzero(np.r_[True, ex[1:] != ex[:-1]])
+        rank = np.arange(len(pos)) - np.repeat(first, np.diff(np.r_[first, len(pos)]))
+        keep[pos[rank < need[ex]]] = True
+    return keep
+
+
+def _sample_cuts(c: np.ndarray, starts: np.ndarray, counts: np.ndarray, ratio: float, block: int = 1 << 18):
+    """Each example's cut and need: its candidates are c[starts[e]:starts[e] + counts[e]]; keep what lies above the
+    cut. +inf keeps nothing (k = 0); where every tie at the k-th largest is kept, the cut is the float just below it
+    (so "above" takes the ties too); where only some are, the cut is the k-th largest itself and need[e] > 0 ties
+    (the first, in position order) are added.
+
+    The k-th largest comes from sorting each example's candidates as one row of a 2D block of examples of similar
+    candidate count (shorter rows padded with -inf, which sorts below every candidate; blocks of at most `block`
+    values). A NaN candidate, which the caller reports, makes nonsense cuts but no error here."""
     k = kept_count(counts, ratio)
+    cut = np.full(len(counts), np.inf, dtype=c.dtype)
+    need = np.zeros(len(counts), dtype=np.int64)
     active = np.flatnonzero(k > 0)
     if len(active) == 0:
-        return np.zeros(len(v), dtype=bool)
-    c = v if n == len(v) else v[is_target]                # the candidates, packed
-    starts = np.zeros(len(counts), dtype=np.int64)
-    np.cumsum(counts[:-1], out=starts[1:])
+        return cut, need
     # windows of up to the longest row: the last rows' windows run past c, into this -inf padded copy of its end
-    lo = max(n - int(counts.max()), 0)
-    end = np.concatenate([c[lo:], np.full(int(counts.max()), -np.inf, dtype=c.dtype)])
-
-    # each example's cut: keep what lies above it. +inf keeps nothing (k = 0); where every tie at the k-th largest
-    # is kept, the cut is the float just below it (so "above" takes the ties too); where only some are, the cut is
-    # the k-th largest itself and the first need[e] ties (in position order) are added afterwards
-    cut = np.full(len(counts), np.inf, dtype=v.dtype)
-    need = np.zeros(len(counts), dtype=np.int64)
-    order = active[np.argsort(counts[active], kind="stable")]
+    longest = int(counts.max())
+    lo = max(len(c) - longest, 0)
+    end = np.concatenate([c[lo:], np.full(longest, -np.inf, dtype=c.dtype)])
+    order = active[np.argsort(counts[active])]
     sizes = counts[order]
     i = 0
     while i < len(order):
         limit = max(sizes[i] + sizes[i] // 8, sizes[i] + 8)   # rows padded by at most ~1/8 (or 8 values)
         j = int(np.searchsorted(sizes, limit, side="right"))
         j = min(j, i + max(1, block // int(sizes[j - 1])))
-        rows, width = order[i:j], int(sizes[j - 1])
+        rows, width = np.sort(order[i:j]), int(sizes[j - 1])     # in position order: c is read front to back
         s = starts[rows]
-        past = s > n - width
+        past = s > len(c) - width
         if past.any():
             r = np.empty((len(rows), width), dtype=c.dtype)
             r[~past] = sliding_window_view(c, width)[s[~past]]
             r[past] = sliding_window_view(end, width)[s[past] - lo]
         else:
             r = sliding_window_view(c, width)[s]             # a copy: one row per example
-        tail = r[:, sizes[i]:]
-        if tail.shape[1]:
-            np.putmask(tail, np.arange(sizes[i], width) >= sizes[i:j, None], -np.inf)
+        np.copyto(r[:, sizes[i]:], -np.inf, where=np.arange(sizes[i], width) >= counts[rows, None])
         r.sort(axis=1)
         kr = k[rows]
         at = width - kr                                      # the k-th largest, in ascending order
@@ -257,20 +340,7 @@ def _sample_keep(v: np.ndarray, is_target: np.ndarray, n: int, offsets: np.ndarr
         cut[rows] = np.where(some, kth, np.nextafter(kth, c.dtype.type(-np.inf)))
         need[rows[some]] = (kr - n_above)[some]
         i = j
-
-    keep = v > np.repeat(cut, np.diff(offsets))
-    if not nan_off:                                          # the non-candidates hold numbers
-        keep &= is_target
-    partial = np.flatnonzero(need)
-    if len(partial):                                         # the first need[e] ties of these examples
-        pos = _ranges(offsets[partial], offsets[partial + 1])
-        ex = np.repeat(partial, np.diff(offsets)[partial])
-        hit = (v[pos] == cut[ex]) & is_target[pos]
-        pos, ex = pos[hit], ex[hit]
-        first = np.flatnonzero(np.r_[True, ex[1:] != ex[:-1]])
-        rank = np.arange(len(pos)) - np.repeat(first, np.diff(np.r_[first, len(pos)]))
-        keep[pos[rank < need[ex]]] = True
-    return keep
+    return cut, need
 
 
 def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
