@@ -272,24 +272,28 @@ def _cli_timed(spec: dict) -> dict:
     from tokenclean.pipelines import self_evolving
 
     spent: dict[str, float] = {}
+    spent_cpu: dict[str, float] = {}
     stack: list[list] = []
 
     def timed(name, fn, unless_in=()):
-        """Count fn's time under `name`, less the time of the timed blocks it calls; inside a block named in
-        unless_in it counts as part of that block (the held-out loss and the base pass compute losses too)."""
+        """Count fn's time (wall, and process CPU) under `name`, less the time of the timed blocks it calls; inside
+        a block named in unless_in it counts as part of that block (the held-out loss and the base pass compute
+        losses too)."""
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             if any(entry[0] in unless_in for entry in stack):
                 return fn(*args, **kwargs)
-            stack.append([name, time.perf_counter(), 0.0])
+            stack.append([name, time.perf_counter(), 0.0, time.process_time(), 0.0])
             try:
                 return fn(*args, **kwargs)
             finally:
-                _, t0, children = stack.pop()
-                total = time.perf_counter() - t0
+                _, t0, children, c0, children_cpu = stack.pop()
+                total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
                 spent[name] = spent.get(name, 0.0) + total - children
+                spent_cpu[name] = spent_cpu.get(name, 0.0) + total_cpu - children_cpu
                 if stack:
                     stack[-1][2] += total
+                    stack[-1][4] += total_cpu
         return wrapper
 
     J = job_mod.Job
@@ -316,9 +320,11 @@ def _cli_timed(spec: dict) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     stages = {k: v.get("seconds") for k, v in manifest["stages"].items()}
     steps = sum(v.get("steps", 0) for k, v in manifest["stages"].items() if "." not in k and k != "base_losses")
-    spent["total"] = spent.get("total", 0.0) + sum(v for k, v in spent.items() if k != "total")
+    for d in (spent, spent_cpu):
+        d["total"] = d.get("total", 0.0) + sum(v for k, v in d.items() if k != "total")
     return {"wall": round(wall, 2), "cpu": round(time.process_time(), 2), "parts": {k: round(v, 2) for k, v in
-            spent.items()}, "stages": stages, "steps": steps, "eval_loss_after": summary.get("eval_loss_after")}
+            spent.items()}, "parts_cpu": {k: round(v, 2) for k, v in spent_cpu.items()}, "stages": stages,
+            "steps": steps, "eval_loss_after": summary.get("eval_loss_after")}
 
 
 def _plain_sft(job):
@@ -363,7 +369,7 @@ def part_self_evolving(a, argv) -> None:
             for key, r in got.items():
                 results[key] = r
                 baseline[key] = f"plain#{g}" if "plain" in names else None
-                print(key, r["wall"], r["cpu"], r["parts"], flush=True)
+                print(key, r["wall"], r["cpu"], r["parts"], r["parts_cpu"], flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     cols = list(results)
@@ -383,11 +389,18 @@ def part_self_evolving(a, argv) -> None:
             ["**CPU / plain SFT of its group**"] + [ratio(n, "cpu") for n in cols],
             ["**wall / plain SFT of its group**"] + [ratio(n, "wall") for n in cols],
             ["optimiser steps"] + [results[n]["steps"] for n in cols]]
+
+    def part(n, key):
+        return f"{results[n]['parts'].get(key, 0.0)} / {results[n]['parts_cpu'].get(key, 0.0)}"
+
+    def other(n, field):
+        return round(results[n][field]["total"] - sum(v for k, v in results[n][field].items() if k != "total"), 2)
+
+    rows.append(["parts: wall seconds / CPU seconds"] + [""] * len(cols))
     for key, label in PARTS.items():
-        rows.append([f"  {label}"] + [results[n]["parts"].get(key, 0.0) for n in cols])
+        rows.append([f"  {label}"] + [part(n, key) for n in cols])
     rows.append(["  other (hydra, config, manifest, waits)"] +
-                [round(results[n]["parts"]["total"] - sum(v for k, v in results[n]["parts"].items()
-                                                          if k != "total"), 2) for n in cols])
+                [f"{other(n, 'parts')} / {other(n, 'parts_cpu')}" for n in cols])
     rows.append(["held-out loss after"] + [f"{results[n]['eval_loss_after']:.4f}" if results[n]["eval_loss_after"]
                                            else "n/a" for n in cols])
     stage_lines = [f"- {n}: " + ", ".join(f"{k} {v}" for k, v in results[n]["stages"].items()) for n in cols]
@@ -398,8 +411,9 @@ def part_self_evolving(a, argv) -> None:
              f"fresh process; the runs of a group (#0, #1, ...) go at once, so that the runs compared share the "
              f"machine's load, each against the plain SFT run of its group (* a group without one: against the "
              f"mean of the plain runs); torch threads: "
-             f"{a.threads or 'default'}), with timers around the Job's building blocks (exclusive wall seconds; "
-             "the parts are wall time, so they stretch with the machine's load, CPU time less so). The pool is "
+             f"{a.threads or 'default'}), with timers around the Job's building blocks (exclusive seconds, wall / "
+             "process CPU: the wall time stretches with the machine's load, and a run's wall time is shared with "
+             "the others of its group only while they run; the CPU time moves much less). The pool is "
              f"{a.limit - a.eval_size} examples: {a.chunks} chunks of {(a.limit - a.eval_size) // a.chunks}, so every "
              "round is whole batches and the rounds together take as many steps as one pass of plain SFT. "
              "plain = the fixed pipeline's final stage with selection=all (one model load, held-out loss before and "
@@ -408,9 +422,36 @@ def part_self_evolving(a, argv) -> None:
              "(chosen while training, no reference pass); eval5 = `eval.every=5` (held-out loss of the base and "
              "the last round only, as plain SFT).", "",
              *_table(["", *cols], rows), "",
+             *_extra_cpu(results, baseline), "",
              "Per-stage seconds from each run's manifest.json (a round includes its nested stages: round_0 the "
              "base-loss pass, round_t its round_t.select):", "", *stage_lines, "", _machine()]
-    write_section("self_evolving", "\n".join(lines), Path(a.out))
+    # the issue's configuration (264 examples, 5 chunks) in `self_evolving`; any other beside it, in its own section
+    default = (a.limit, a.chunks) == (264, 5)
+    write_section("self_evolving" if default else f"self_evolving_{a.limit}x{a.chunks}", "\n".join(lines),
+                  Path(a.out))
+
+
+def _extra_cpu(results: dict, baseline: dict) -> list[str]:
+    """Where each run's CPU seconds beyond its group's plain SFT run go, part by part (CPU: the wall time of a part
+    depends on what else ran at the time)."""
+    groups = {"base-loss pass": ("base_pass",), "reference-loss pass": ("reference_pass",),
+              "held-out loss": ("eval",), "training steps": ("train",),
+              "loop (loads, checkpoints, arrays, setup, report, other)": ("load", "checkpoint", "select", "setup",
+                                                                          "report", "other")}
+
+    def cpu(n, keys):
+        c = dict(results[n]["parts_cpu"])
+        c["other"] = c["total"] - sum(v for k, v in c.items() if k != "total")
+        return sum(c.get(k, 0.0) for k in keys)
+
+    lines = []
+    for n, plain in baseline.items():
+        if plain and n != plain:
+            extra = results[n]["cpu"] - results[plain]["cpu"]
+            lines.append(f"- {n}: {extra:+.1f} CPU s over {plain}: " + ", ".join(
+                f"{label} {cpu(n, keys) - cpu(plain, keys):+.1f}" for label, keys in groups.items()))
+    return ["Where the CPU seconds beyond plain SFT go (each part's CPU seconds minus plain's):", "", *lines] \
+        if lines else []
 
 
 # -- (c) scoring peak memory -----------------------------------------------------------------------------------------
