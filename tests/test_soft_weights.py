@@ -175,7 +175,8 @@ def test_fixed_pipeline(tmp_path, scorer):
     assert s["tokens_kept"] == int(np.count_nonzero(keep.values))
 
 
-@pytest.mark.parametrize("scorer", ["influence", pytest.param("entropy", marks=pytest.mark.slow), "self_online"])
+@pytest.mark.parametrize("scorer", ["influence", pytest.param("entropy", marks=pytest.mark.slow),
+                                    pytest.param("self_online", marks=pytest.mark.slow)])   # DDP test: self_online
 def test_self_evolving_pipeline(tmp_path, scorer):
     run = tmp_path / scorer
     run_cli([*TINY, f"scorer={scorer}", "pipeline=self_evolving", "pipeline.chunks=3"], run)
