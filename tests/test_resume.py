@@ -33,7 +33,8 @@ def assert_same_result(run_dir, reference):
     ("checkpoint:model", ["base_losses"]),                                # round 0's checkpoint written, not published
     # scores' arrays written, meta not
     ("array:round_2/scores", ["base_losses", "round_0", "round_1.select", "round_1"]),
-    ("manifest:round_1", ["base_losses", "round_0", "round_1.select"]),   # the manifest naming round_1 half-written
+    # the manifest naming round_1 half-written (slow: the array and checkpoint kills above cover atomic publishing)
+    pytest.param("manifest:round_1", ["base_losses", "round_0", "round_1.select"], marks=pytest.mark.slow),
 ])
 def test_self_evolving_resumes_after_sigkill(tmp_path, uninterrupted, kill_at, done_before):
     run_dir = tmp_path / "run"

@@ -150,8 +150,9 @@ def check_online(run, keep, scores, target, stage):
                                    soft_weights(sc, 0.6, 0.5), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("scorer", ["influence", "rho", "xtf", pytest.param("entropy", marks=pytest.mark.slow),
-                                    pytest.param("self_online", marks=pytest.mark.slow)])
+# online soft weights in the fixed pipeline run by default in test_distributed.py (self_online, 1 and 2 processes)
+@pytest.mark.parametrize("scorer", ["influence", "xtf", *(pytest.param(s, marks=pytest.mark.slow)
+                                                          for s in ("rho", "entropy", "self_online"))])
 def test_fixed_pipeline(tmp_path, scorer):
     run = tmp_path / scorer
     run_cli([*TINY, f"scorer={scorer}"], run)
