@@ -132,6 +132,21 @@ def _global_keep(v: np.ndarray, is_target: np.ndarray, n: int, target: Ragged, r
     return keep
 
 
+def _bracket(x: np.ndarray, r: int, sample: int, spread: float):
+    """(lo, hi) from a strided sample of about `sample` values of x: values that lie on either side of x's r-th
+    smallest (NaN sorts last) with near certainty, `spread` x sqrt(sample size) sample ranks apart from it (at
+    least 2 x spread standard deviations of the sample rank); None when x is too small for a sample to pay, the
+    bracket would leave the sample, or its high end is NaN."""
+    n = len(x)
+    smp = x[::max(n // sample, 1)]
+    at, d = r * len(smp) // n, int(spread * np.sqrt(len(smp))) + 16
+    if n <= 8 * sample or at - d <= 0 or at + d >= len(smp) - 1:
+        return None
+    smp = np.partition(smp, [at - d, at + d])
+    lo, hi = smp[at - d], smp[at + d]
+    return None if np.isnan(hi) else (lo, hi)
+
+
 def _banded_keep(v: np.ndarray, is_target: np.ndarray, n: int, k: int, sample: int = 1 << 17,
                  block: int = 1 << 17) -> np.ndarray | None:
     """The keep mask of the k largest of the n candidates in one pass over the scores, or None when this way cannot
@@ -143,15 +158,10 @@ def _banded_keep(v: np.ndarray, is_target: np.ndarray, n: int, k: int, sample: i
     what lies at or above the low end and takes the positions inside the bracket (about 1% of them; every tie is
     there). Only those are partitioned, and only their keep bits are set afterwards."""
     size, r = len(v), n - k
-    step = max(size // sample, 1)
-    smp = v[::step]
-    at, d = r * len(smp) // size, int(2 * np.sqrt(len(smp))) + 16   # d: >= 4 standard deviations of the sample rank
-    if size <= 8 * sample or at - d <= 0 or at + d >= len(smp) - 1:
+    bracket = _bracket(v, r, sample, spread=2)
+    if bracket is None:
         return None
-    smp = np.partition(smp, [at - d, at + d])
-    lo, hi = smp[at - d], smp[at + d]
-    if np.isnan(hi):
-        return None
+    lo, hi = bracket
     keep = np.empty(size, dtype=bool)
     n_ge, where, band = 0, [], []
     for i in range(0, size, block):
@@ -187,16 +197,10 @@ def _kth_smallest(x: np.ndarray, r: int, n_nan: int = 0, sample: int = 1 << 17, 
     below the bracket and takes what lies inside (about 2% of x: every tie is there), and only that band is
     partitioned. Exact either way: when the band misses, the whole array is partitioned."""
     n = len(x)
-    step = max(n // sample, 1)
-    ns = (n + step - 1) // step
-    at, d = r * ns // n, int(3 * np.sqrt(ns)) + 16        # d: about 6 standard deviations of the sample rank
-    lo_i, hi_i = at - d, at + d
-    smp = None
-    if n > 8 * sample and lo_i > 0 and hi_i < ns - 1:
-        smp = np.partition(x[::step], [lo_i, hi_i])
-    if smp is None or np.isnan(smp[hi_i]):
+    bracket = _bracket(x, r, sample, spread=3)
+    if bracket is None:
         return np.partition(x, r)[r], None
-    lo, hi = smp[lo_i], smp[hi_i]
+    lo, hi = bracket
     below, where = n - n_nan, []
     for i in range(0, n, block):
         part = x[i:i + block]
