@@ -37,7 +37,8 @@ def write_html(path: Path, tokenizer, input_ids: Ragged, target: Ragged, keep: R
     """attributes: name -> bool Ragged marking tokens an attribute calls noise (XTF), shown on hover."""
     rows = []
     for i in range(min(n_examples, len(input_ids))):
-        ids, tgt, kp = input_ids[i], np.asarray(target[i], bool), np.asarray(keep[i], bool)
+        ids, tgt, w = input_ids[i], np.asarray(target[i], bool), keep[i]
+        kp, soft = np.asarray(w, bool), w.dtype != bool
         sc = scores[i] if scores is not None else None
         spans = []
         for j, tok_id in enumerate(ids):
@@ -46,8 +47,8 @@ def write_html(path: Path, tokenizer, input_ids: Ragged, target: Ragged, keep: R
                 spans.append(f'<span class="p">{text}</span>')
                 continue
             tip = ["kept" if kp[j] else "dropped"]
-            if keep.values.dtype != bool:
-                tip.append(f"weight {keep[i][j]:.3f}")
+            if soft:
+                tip.append(f"weight {w[j]:.3f}")
             if sc is not None and not np.isnan(sc[j]):
                 tip.append(f"score {sc[j]:+.3f}")
             for name, marks in (attributes or {}).items():

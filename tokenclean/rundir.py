@@ -5,7 +5,7 @@ measured; it is written (by rank 0, atomically) only after the stage's files, so
 listed there is never redone, a stage not listed is redone from its start, replacing any partial output.
 
     run = RunDir(path, accelerator, config_dict, data_fingerprint, resume=True,
-                 verify_array=Ragged.verify)   # how a stored per-token array is checked on resume
+                 verify_array=check)   # check(path) raises if a stored per-token array is damaged
     if not run.done("reference"):
         with run.stage("reference") as st:
             ...                       # write the stage's files

@@ -104,10 +104,9 @@ def summarize(job: Job) -> dict:
     run = job.run
     fin, sel = run.get("final"), run.get("select")
     if sel.get("online"):   # the decisions as each token was trained, counted over every trained occurrence
-        kept = fin["online_kept_total"]   # soft weights: their sum
-        sel = {"tokens_target": sel["tokens_target"], "kept_ratio": kept / max(fin["online_tokens_trained"], 1),
-               **({"tokens_kept": fin["tokens_kept"], "weight_sum": kept} if "weight_sum" in fin
-                  else {"tokens_kept": kept})}
+        kept, soft = fin["online_kept_total"], "weight_sum" in fin   # soft weights: kept is their sum
+        sel = {"tokens_target": sel["tokens_target"], "tokens_kept": fin["tokens_kept"] if soft else kept,
+               "kept_ratio": kept / max(fin["online_tokens_trained"], 1), **({"weight_sum": kept} if soft else {})}
     out = {"pipeline": "fixed", "tokens_scored": job.data.train.n_targets if job.scored else 0,
            "tokens_target": sel["tokens_target"], "tokens_kept": sel["tokens_kept"], "kept_ratio": sel["kept_ratio"],
            **({"weight_sum": sel["weight_sum"]} if "weight_sum" in sel else {}),

@@ -89,11 +89,11 @@ def check_eval_tasks(cfg: Config) -> None:
             raise ConfigError(f"eval.tasks={list(cfg.eval.tasks)}: {e}") from None
 
 
-
 def stage_seed(seed: int, stage: str) -> int:
     """The seed of one stage's random choices (its step plan, a random selection): the run's seed and the stage's
     name, so stages never share a stream and a resumed stage draws what it drew before."""
     return int(fingerprint(seed, stage)[:8], 16)
+
 
 class Job:
     def __init__(self, cfg: Config, run_dir: Path, config_dict: dict):
