@@ -394,7 +394,7 @@ def part_self_evolving(a, argv) -> None:
         return f"{results[n]['parts'].get(key, 0.0)} / {results[n]['parts_cpu'].get(key, 0.0)}"
 
     def other(n, field):
-        return round(results[n][field]["total"] - sum(v for k, v in results[n][field].items() if k != "total"), 2)
+        return round(_other_seconds(results[n][field]), 2)
 
     rows.append(["parts: wall seconds / CPU seconds"] + [""] * len(cols))
     for key, label in PARTS.items():
@@ -431,6 +431,11 @@ def part_self_evolving(a, argv) -> None:
                   Path(a.out))
 
 
+def _other_seconds(parts: dict) -> float:
+    """A run's seconds outside every timed part: its total less the parts."""
+    return parts["total"] - sum(v for k, v in parts.items() if k not in ("total", "other"))
+
+
 def _extra_cpu(results: dict, baseline: dict) -> list[str]:
     """Where each run's CPU seconds beyond its group's plain SFT run go, part by part (CPU: the wall time of a part
     depends on what else ran at the time)."""
@@ -441,7 +446,7 @@ def _extra_cpu(results: dict, baseline: dict) -> list[str]:
 
     def cpu(n, keys):
         c = dict(results[n]["parts_cpu"])
-        c["other"] = c["total"] - sum(v for k, v in c.items() if k != "total")
+        c["other"] = _other_seconds(c)
         return sum(c.get(k, 0.0) for k in keys)
 
     lines = []
