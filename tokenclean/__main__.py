@@ -112,6 +112,12 @@ def format_summary(s: dict) -> str:
         before = tasks["base"][task]["acc"]
         lines.append(f"  {'task ' + task:<24} {before:.4f} (base) -> {after['acc']:.4f} (cleaned) accuracy"
                      + (f", {after['n']} documents" if "n" in after else ""))
+    pool = s.get("pool") or {}
+    if pool:
+        n, where = pool["warmup_examples"], {"file": "from data.warmup",
+                                             "carved": "carved from data.train, held out of every arm's pool"}
+        warm = f", warm-up set {n:,} examples {where[pool['warmup_source']]}" if n else ""
+        lines.append(f"  training pool            {pool['examples']:,} examples{warm}")
     t = s.get("truncation", {})
     if t.get("examples"):
         lines.append(f"  truncated                {t['examples']} examples, {t['target_tokens']} response tokens lost")

@@ -54,6 +54,8 @@ LRSchedule = choices("LRSchedule", "linear", "cosine", "constant")
 MixedPrecision = choices("MixedPrecision", "auto", "bf16", "no")
 LossKernel = choices("LossKernel", "auto", "fused", "chunked")
 PipelineName = choices("PipelineName", "fixed", "self_evolving")
+FirstReference = choices("FirstReference", "round0", "warmup")
+WarmupRounding = choices("WarmupRounding", "ceil", "floor")
 RoundSchedule = choices("RoundSchedule", "restart", "continuous")
 RoundLora = choices("RoundLora", "merge", "continue")
 TrackingBackend = choices("TrackingBackend", "wandb", "none")
@@ -88,9 +90,13 @@ class DataConfig:
     max_length: int = 512
     on_error: OnError = OnError["raise"]   # raise on a malformed record | skip it (counted)
     limit: Optional[int] = None      # use only the first N records of `train`
-    warmup: Optional[str] = None     # the fixed pipeline's warm-up set; None = take part of `train`:
-    warmup_fraction: float = 0.2     #   this fraction of it ...
-    warmup_size: Optional[int] = None  # ... or, when set, this many examples
+    warmup: Optional[str] = None     # the warm-up set a reference learns from (the fixed pipeline's reference,
+                                     #   self-evolving with first_reference=warmup), apart from the pool: the
+                                     #   paper's separate 10k. None = none, unless carved from `train`:
+    warmup_fraction: Optional[float] = None  # carve this fraction of `train` out as the warm-up set ...
+    warmup_size: Optional[int] = None  # ... or this many examples. A carved split is held out of the pool for every
+                                     #   arm (baselines and both pipelines alike), so arms stay comparable; the
+                                     #   summary says so. The pool and the warm-up set depend on `data` alone.
     eval: Optional[str] = None       # held-out set; None = take part of `train`:
     eval_size: int = 64              #   this many examples (0 = no held-out set) ...
     eval_fraction: Optional[float] = None  # ... or, when set, this fraction of it
@@ -142,7 +148,10 @@ class TrainingConfig:
     max_steps: Optional[int] = None  # cap on optimiser steps per training stage
     batch_size: int = 8              # examples per optimiser step, all ranks and micro-batches together
     micro_batch_size: int = 8        # examples per forward pass on one device
-    max_grad_norm: float = 1.0       # <= 0 turns clipping off
+    max_grad_norm: float = 1.0       # <= 0 turns clipping off (the paper_* presets: off, as the reference code)
+    warmup_rounding: WarmupRounding = WarmupRounding.ceil  # LR warm-up steps: ceil(N x warmup_ratio), at least one
+                                     #   step whenever warmup_ratio > 0 (ours, as HF's Trainer) | floor: int(N x
+                                     #   warmup_ratio), the reference code's count (the paper_* presets)
     mixed_precision: MixedPrecision = MixedPrecision.auto  # auto: bf16 where the hardware has it
     gradient_checkpointing: bool = False
     score_batch_size: int = 16       # examples per forward pass when computing per-token losses
@@ -166,6 +175,11 @@ class PipelineConfig:
                                      #   reference code)
     schedule: RoundSchedule = RoundSchedule.restart  # self_evolving: restart the LR schedule (warm-up, decay)
                                      #   every round, as the reference code does | continuous: one across all rounds
+    first_reference: FirstReference = FirstReference.round0  # self_evolving: round0 = train the base on chunk D_0
+                                     #   with every token; theta_1 scores D_1 (the reference code at HEAD 29362ab) |
+                                     #   warmup = the warm-up model (trained on data.warmup, as the fixed pipeline's
+                                     #   reference) scores D_1 and training continues from it; every chunk is
+                                     #   cleaned (the run behind the paper's numbers, 0f6e3be)
     lora: RoundLora = RoundLora.merge  # self_evolving + LoRA: merge each round's adapter and start a fresh one (the
                                      #   reference code) | continue: keep training one adapter on the base
 
@@ -252,8 +266,12 @@ def validate(cfg: Config) -> None:
             check(os.path.exists(src), f"data.{key}", src, "no such file or directory")
     check(d.max_length >= 2, "data.max_length", d.max_length, "must be at least 2")
     check(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive")
-    check(0 < d.warmup_fraction < 1, "data.warmup_fraction", d.warmup_fraction,
+    check(d.warmup_fraction is None or 0 < d.warmup_fraction < 1, "data.warmup_fraction", d.warmup_fraction,
           "must be a fraction in (0, 1); for a count use data.warmup_size")
+    check(d.warmup is None or (d.warmup_fraction is None and d.warmup_size is None), "data.warmup_fraction",
+          d.warmup_fraction if d.warmup_size is None else d.warmup_size,
+          f"data.warmup={d.warmup!r} is given: carve no warm-up set from the pool as well (set "
+          "data.warmup_fraction=null data.warmup_size=null)")
     check(d.warmup_size is None or d.warmup_size >= 1, "data.warmup_size", d.warmup_size, "must be at least 1")
     check(d.eval_size >= 0, "data.eval_size", d.eval_size,
           "must be a count >= 0; for a fraction use data.eval_fraction")

@@ -57,13 +57,14 @@ def check_tasks(tasks, include_path=None, data_root=None):
 
 
 def evaluate(model_dir, tasks, *, limit=None, num_fewshot=None, batch_size=8, device="cpu", dtype="float32",
-             seed=1234, include_path=None, data_root=None) -> dict:
+             seed=1234, include_path=None, data_root=None, documents=False) -> dict:
     """{task: {"acc", "acc_norm" (where lm-eval reports it), "n"}, "average": {"acc"}}, "average" over the tasks asked
     for (a group such as mmlu counts once, with lm-eval's size-weighted acc over its subjects). A task of your own
     (include_path) may report other metrics: they come under their lm-eval names, e.g. "exact_match,strict-match".
 
     limit: the first `limit` documents of each task (of each subject, for mmlu). num_fewshot: None = each task's own
-    default (mmlu 5-shot, the rest 0-shot: only mmlu ships a few-shot split)."""
+    default (mmlu 5-shot, the rest 0-shot: only mmlu ships a few-shot split). documents: also return each document's
+    scores under "documents" (per_document), for paired comparisons of two models on the same documents."""
     tasks = list(tasks)
     if not tasks:
         raise EvalError("no tasks to evaluate")
@@ -89,10 +90,37 @@ def evaluate(model_dir, tasks, *, limit=None, num_fewshot=None, batch_size=8, de
         out = lm_eval.simple_evaluate(
             model="hf", model_args={"pretrained": str(model_dir), "dtype": dtype}, tasks=tasks,
             num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,
-            log_samples=False, bootstrap_iters=0,  # acc's stderr is analytic; bootstrap is for other metrics
+            log_samples=documents, bootstrap_iters=0,  # acc's stderr is analytic; bootstrap is for other metrics
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         )
-    return summarize(out, tasks)
+    summary = summarize(out, tasks)
+    if documents:
+        summary["documents"] = per_document(out["samples"])
+    return summary
+
+
+def per_document(samples: dict) -> dict:
+    """{task: [{"doc_id", <each metric lm-eval computed for it>, "margin" (multiple choice)}, sorted by doc_id]}.
+    margin: the log-likelihood of the gold choice minus the best other choice's, from the same loglikelihoods lm-eval
+    scored acc with (> 0 exactly when acc is 1, ties aside): a continuous measure of how sure the model is. A task
+    with several filters keeps its first filter's rows."""
+    out = {}
+    for task, rows in samples.items():
+        first = rows[0]["filter"] if rows else None
+        docs = []
+        for r in rows:
+            if r["filter"] != first:
+                continue
+            d = {"doc_id": int(r["doc_id"]), **{m: float(r[m]) for m in r["metrics"]
+                                                 if isinstance(r[m], numbers.Number)}}
+            resps = r["filtered_resps"]
+            if resps and isinstance(resps[0], (tuple, list)) and isinstance(r["target"], numbers.Integral):
+                ll = [float(x[0]) for x in resps]   # multiple choice: (loglikelihood, is_greedy) per choice
+                gold = int(r["target"])
+                d["margin"] = ll[gold] - max(v for j, v in enumerate(ll) if j != gold)
+            docs.append(d)
+        out[task] = sorted(docs, key=lambda d: d["doc_id"])
+    return out
 
 
 def summarize(out: dict, tasks) -> dict:

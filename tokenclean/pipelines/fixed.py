@@ -32,14 +32,16 @@ def run(job: Job) -> tuple[dict, list]:
 
 def train_reference(job: Job) -> None:
     """The reference, its losses on the pool and its metrics, or the same from the score cache: they depend on the
-    base, the warm-up set, the pool, the held-out set and the training recipe, never on the selection."""
+    base, the warm-up set, the pool, the held-out set and the training recipe, never on the selection (nor on the
+    pipeline: self-evolving with first_reference=warmup trains the same one).)."""
     d, cfg = job.data, job.cfg
+    base_parts = [(BASE, d.train)]   # the base's own signals on the pool, before the first update
 
     def train() -> dict:
         info = {}
         model = job.train_model(job.base_dir, "reference", len(d.warmup))
         info["eval_base"] = job.evaluate(model.model, "base")
-        job.base_signals(model.model, [(BASE, d.train)])
+        job.base_signals(model.model, base_parts)
         info.update(job.fit(model, d.warmup, d.warmup.target, "reference"))
         started = time.perf_counter()
         job.save_array(job.losses(model.model, d.train, "reference losses"), "losses/reference")
@@ -57,7 +59,7 @@ def train_reference(job: Job) -> None:
         if st.info.get("cached"):
             job.global_step += st.info["steps"]   # as if trained here: later stages log on the same step axis
             job.run.data["global_step"] = job.global_step
-            job.base_signals(lambda: job.scoring_model(job.base_dir), [(BASE, d.train)])   # unless cached too
+            job.base_signals(lambda: job.scoring_model(job.base_dir), base_parts)   # unless cached too
         st.info["tasks"] = job.evaluate_tasks(job.run.path / "reference", "reference")
 
 

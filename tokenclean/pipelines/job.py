@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tokenclean import scorers, selection
-from tokenclean.config import Config
+from tokenclean.config import Config, ConfigError
 from tokenclean.data import Examples, read_conversations, split_indices, tokenize, tokenizer_fingerprint
 from tokenclean.ragged import Ragged
 from tokenclean.rundir import RunDir, atomic_write_text, fingerprint
@@ -31,17 +31,40 @@ log = logging.getLogger("tokenclean")
 @dataclass
 class Data:
     train: Examples                 # the pool that is cleaned and trained on
-    warmup: Examples | None         # the fixed pipeline's warm-up set (its reference learns from it)
+    warmup: Examples | None         # the warm-up set a reference learns from (data.warmup, or carved from the pool)
     eval: Examples | None           # held out: loss before and after
     truncation: dict
     skipped_records: int
+    warmup_source: str = "none"     # "file" (data.warmup) | "carved" (data.warmup_fraction/size) | "none"
+
+
+def uses_warmup(cfg: Config) -> bool:
+    """Whether this arm trains a model on the warm-up set: the fixed pipeline's reference (for a scorer that compares
+    with one), or self-evolving's first reference with first_reference=warmup. Baselines never do."""
+    if cfg.selection.method in ("all", "random"):
+        return cfg.pipeline.name == "self_evolving" and cfg.pipeline.first_reference == "warmup"
+    if cfg.pipeline.name == "fixed":
+        return scorers.get(cfg.scorer.name).needs_reference
+    return cfg.pipeline.first_reference == "warmup"
+
+
+def check_warmup(cfg: Config) -> None:
+    """An arm that trains on a warm-up set has one: a file, or a split carved from the pool."""
+    d = cfg.data
+    if uses_warmup(cfg) and d.warmup is None and d.warmup_fraction is None and d.warmup_size is None:
+        who = ("pipeline.first_reference=warmup" if cfg.pipeline.name == "self_evolving"
+               else f"scorer={cfg.scorer.name} in the fixed pipeline")
+        raise ConfigError(f"data.warmup=null: {who} trains its reference on a warm-up set; pass data.warmup=FILE (the "
+                          "paper's separate 10k), or carve one from the pool with data.warmup_fraction=0.2 (then carve "
+                          "it in every arm you compare, so they train on the same pool)")
 
 
 def read_data(cfg: Config) -> tuple[dict, int]:
     """Every record, read and validated before any model loads: {"train"|"warmup"|"eval": Conversations (compact,
-    streamed from the file)}, skipped."""
+    streamed from the file)}, skipped. The warm-up file is read only by an arm that trains on it."""
     d, records, skipped = cfg.data, {}, 0
-    sources = {"train": d.train, "warmup": d.warmup if cfg.pipeline.name == "fixed" else None, "eval": d.eval}
+    check_warmup(cfg)
+    sources = {"train": d.train, "warmup": d.warmup if uses_warmup(cfg) else None, "eval": d.eval}
     for split, source in sources.items():
         if source is not None:
             records[split], s = read_conversations(source, d.format, d.on_error,
@@ -51,7 +74,9 @@ def read_data(cfg: Config) -> tuple[dict, int]:
 
 
 def tokenize_data(cfg: Config, records: dict, skipped: int, tokenizer) -> Data:
-    """Tokenize, then hold out the eval set and (fixed pipeline) the warm-up set from the pool when not given."""
+    """Tokenize, then hold out the eval set and (data.warmup_fraction / warmup_size) the warm-up set from the pool
+    when they are not given as files. Which examples form the pool depends on `cfg.data` and the seed alone, never on
+    the pipeline or the scorer: every arm of a comparison trains on the same pool."""
     d, truncation = cfg.data, {"examples": 0, "target_tokens": 0, "dropped_examples": 0}
 
     def tok(recs) -> Examples:
@@ -61,27 +86,26 @@ def tokenize_data(cfg: Config, records: dict, skipped: int, tokenizer) -> Data:
         truncation["dropped_examples"] += t.n_dropped
         return t
 
-    pool, eval_set, warmup = tok(records["train"]), None, None
+    pool, eval_set, warmup, source = tok(records["train"]), None, None, "none"
     if "eval" in records:
         eval_set = tok(records["eval"])
     elif d.eval_fraction is not None or d.eval_size > 0:
         taken, rest = split_indices(len(pool), d.eval_fraction or d.eval_size, cfg.seed)
         eval_set, pool = pool.subset(taken), pool.subset(rest)
-    if cfg.pipeline.name == "fixed":
-        if "warmup" in records:
-            warmup = tok(records["warmup"])
-        else:  # the reference learns from records the cleaned model is not trained on (disjoint sets)
-            taken, rest = split_indices(len(pool), d.warmup_size or d.warmup_fraction, cfg.seed + 1)
-            warmup, pool = pool.subset(taken), pool.subset(rest)
+    if "warmup" in records:
+        warmup, source = tok(records["warmup"]), "file"
+    elif d.warmup_size is not None or d.warmup_fraction is not None:
+        # carved for every arm, used or not: the reference learns from records the cleaned model is not trained on
+        taken, rest = split_indices(len(pool), d.warmup_size or d.warmup_fraction, cfg.seed + 1)
+        warmup, pool, source = pool.subset(taken), pool.subset(rest), "carved"
     if len(pool) == 0:
         raise ValueError(f"data.train={d.train!r}: no training example left after the eval/warm-up splits")
-    return Data(pool, warmup, eval_set, truncation, skipped)
+    return Data(pool, warmup, eval_set, truncation, skipped, source)
 
 
 def check_eval_tasks(cfg: Config) -> None:
     """A task with no offline data fails here, before any model loads, saying how to point it at local files."""
     from tokenclean import evaluation
-    from tokenclean.config import ConfigError
     if cfg.eval.tasks:
         try:
             evaluation.check_tasks(list(cfg.eval.tasks), cfg.eval.include_path, cfg.eval.data_root)
@@ -403,7 +427,10 @@ def finish(job: Job, summary: dict, parts: list[tuple[Examples, str]]) -> dict:
     """Write cleaned.parquet and report.html over `parts` (examples, the rel prefix of their arrays), summary.json,
     and close the tracker."""
     from tokenclean.report import write_cleaned, write_html
+    d = job.data
     summary.update(seconds=round(time.perf_counter() - job.started, 1), run_dir=str(job.run.path),
+                   pool={"examples": len(d.train), "warmup_source": d.warmup_source,
+                         "warmup_examples": len(d.warmup) if d.warmup is not None else None},
                    truncation=job.data.truncation, malformed_records_skipped=job.data.skipped_records)
     if job.acc.is_main_process:
         def stored(rel, default):
