@@ -47,6 +47,13 @@ def make_accelerator(mixed_precision: str = "auto"):
         mp = "bf16" if bf16_supported() else "no"
     slurm_to_torch_env()
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        from accelerate.state import AcceleratorState
+        state = AcceleratorState._shared_state
+        if state and state.get("_mixed_precision") != mp:
+            # accelerate's state is one per process: a library that made an Accelerator of its own before this one
+            # (lm-eval's model does, with no mixed precision) would make ours raise. One process, nothing to sync:
+            # start the state afresh with ours.
+            AcceleratorState._reset_state(reset_partial_state=True)
         return Accelerator(mixed_precision=mp)
     # gloo when there is no GPU (DeepSpeed on CPU needs it spelled out); a bounded timeout, so a rank that dies
     # takes the others down with an error instead of leaving them waiting forever
