@@ -90,11 +90,17 @@ def tokenize_data(cfg: Config, records: dict, skipped: int, tokenizer) -> Data:
     if "eval" in records:
         eval_set = tok(records["eval"])
     elif d.eval_fraction is not None or d.eval_size > 0:
+        if d.eval_fraction is None and d.eval_size >= len(pool):
+            raise ConfigError(f"data.eval_size={d.eval_size}: the pool has only {len(pool)} examples; hold out fewer "
+                              "(data.eval_size=N), a fraction (data.eval_fraction=0.1), or pass data.eval=FILE")
         taken, rest = split_indices(len(pool), d.eval_fraction or d.eval_size, cfg.seed)
         eval_set, pool = pool.subset(taken), pool.subset(rest)
     if "warmup" in records:
         warmup, source = tok(records["warmup"]), "file"
     elif d.warmup_size is not None or d.warmup_fraction is not None:
+        if d.warmup_size is not None and d.warmup_size >= len(pool):
+            raise ConfigError(f"data.warmup_size={d.warmup_size}: the pool has only {len(pool)} examples left after "
+                              "the held-out split; carve fewer, or pass data.warmup=FILE")
         # carved for every arm, used or not: the reference learns from records the cleaned model is not trained on
         taken, rest = split_indices(len(pool), d.warmup_size or d.warmup_fraction, cfg.seed + 1)
         warmup, pool, source = pool.subset(taken), pool.subset(rest), "carved"
