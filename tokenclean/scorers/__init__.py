@@ -8,7 +8,7 @@ instead of comparing names. Adding a scorer is one module here, one YAML in conf
                                                                                   global (the paper), sample (the
                                                                                   reference code's "rho" baseline)
   rho           l_current - l_ref          (Rho-1)          cached l_ref          online, per training batch
-  self_online   l_base - l_current         (ours)           cached l_base         online, per training batch
+  self_online   l_base - l_current         (ssToken's REL)  cached l_base         online, per training batch
   xtf           KN, RI, TR union rule      (XTF)            base model only       offline, rules (own keep ratio)
   entropy       -H_base (predictive entropy)                base model only       offline, by selection.method
   (baselines)   selection=random, selection=all            nothing                offline
