@@ -217,7 +217,8 @@ def test_resolve_existing_dir_unchanged(tmp_path):
 
 @pytest.mark.parametrize("value", ["HuggingFaceTB/SmolLM2-135M-Instruct", "/no/such/dir/model", "builtin:nope"])
 def test_resolve_missing_raises_with_value(value):
-    with pytest.raises(FileNotFoundError) as exc:
+    from tokenclean.config import ConfigError
+    with pytest.raises(ConfigError) as exc:     # a user error: one line from the CLI
         resolve_model(value)
     msg = str(exc.value)
     assert value in msg and "hub" in msg.lower() and "builtin:tiny" in msg

@@ -397,7 +397,7 @@ def test_truncation_counts_are_exact(chatml):
     td = tokenize([rec1, rec2], chatml, first_target)
     assert td.n_dropped == 1 and td.n_truncated == 2 and td.record_indices.tolist() == [1]
     assert td.n_truncated_targets == int(m1.sum()) + int(m2[first_target:].sum())
-    with pytest.raises(ValueError, match="no example has a target"):
+    with pytest.raises(DataError, match="no example has a response token.*data.max_length"):
         tokenize([rec1], chatml, first_target)
 
 

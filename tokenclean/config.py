@@ -14,8 +14,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
-class ConfigError(ValueError):
-    pass
+class UserError(Exception):
+    """An error the user can fix: its message is one line naming the file, record or override and the fix. Every such
+    error derives from this class; `tokenclean` prints it as that one line and exits 2, never with a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work (the override is named in the message)."""
 
 
 def check(ok: bool, key: str, value, why: str) -> None:

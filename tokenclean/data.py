@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from tokenclean.config import UserError
 from tokenclean.ragged import Ragged
 from tokenclean.rundir import fingerprint
 
@@ -49,7 +50,7 @@ PLAIN_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": 
 PLAIN_SEPARATOR = "\n\n"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or record is unusable. The message names the file, the 1-based line/record/row, what is wrong and
     the fix. Attributes: `source` (the file), `where` (e.g. "line 17", or None for file-level problems), `reason`."""
 
@@ -59,7 +60,7 @@ class DataError(ValueError):
         self.source, self.where, self.reason = source, where, reason
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A chat template cannot give reliable response masks (e.g. it is not prefix-consistent)."""
 
 
@@ -785,7 +786,8 @@ def tokenize(records: list[dict] | Conversations, tokenizer, max_length: int, te
                     "tokens lost); %d examples had no target token left and were dropped",
                     n_truncated, n, max_length, n_truncated_targets, n_dropped)
     if n_dropped == n:
-        raise ValueError(f"no example has a target token within max_length={max_length}; increase max_length")
+        raise DataError(f"no example has a response token within the first {max_length} tokens: every one was cut "
+                        "off; increase data.max_length")
     return Examples(Ragged.concat([p.input_ids for p in parts]), Ragged.concat([p.target for p in parts]),
                     np.concatenate([p.record_indices for p in parts]), n_truncated, n_truncated_targets, n_dropped)
 

@@ -19,6 +19,7 @@ import math
 import numbers
 from pathlib import Path
 
+from tokenclean.config import UserError
 from tokenclean.tasks import local_data
 
 OFFLINE_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "sciq", "piqa", "openbookqa", "winogrande",
@@ -27,7 +28,7 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DATA_ENV = local_data.ENV
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     pass
 
 

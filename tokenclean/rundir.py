@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tokenclean.config import UserError
+
 log = logging.getLogger("tokenclean")
 
 CONFIG_KEYS_NOT_AFFECTING_RESULTS = ("resume", "tracking", "name", "eval")
@@ -53,7 +55,7 @@ FULL_HASH_MAX, SAMPLE, SAMPLES = 64 << 20, 1 << 20, 16
 _STALE_TEMP = re.compile(r"^\..+\.tmp\d+$")   # what atomic_write and save_checkpoint write through
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """The run directory cannot be used as it is; the message says why and the way out (printed as one line)."""
 
 

@@ -105,7 +105,8 @@ def tokenize_data(cfg: Config, records: dict, skipped: int, tokenizer) -> Data:
         taken, rest = split_indices(len(pool), d.warmup_size or d.warmup_fraction, cfg.seed + 1)
         warmup, pool, source = pool.subset(taken), pool.subset(rest), "carved"
     if len(pool) == 0:
-        raise ValueError(f"data.train={d.train!r}: no training example left after the eval/warm-up splits")
+        raise ConfigError(f"data.train={d.train!r}: no training example left after the eval/warm-up splits; hold out "
+                          "fewer (data.eval_size, data.warmup_fraction) or pass them as files (data.eval, data.warmup)")
     return Data(pool, warmup, eval_set, truncation, skipped, source)
 
 

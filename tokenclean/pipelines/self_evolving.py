@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 
+from tokenclean.config import ConfigError
 from tokenclean.data import Examples
 from tokenclean.pipelines import fixed
 from tokenclean.pipelines.job import Job
@@ -67,9 +68,10 @@ def make_chunks(job: Job) -> tuple[list[Examples], list[np.ndarray]]:
     else:
         sizes = [len(c) for c in np.array_split(np.arange(n), p.chunks)]   # the remainder is spread, not dropped
     if sum(sizes) > n:
-        raise ValueError(f"pipeline.chunk_sizes={sizes} asks for {sum(sizes)} examples; the training pool has {n}")
+        raise ConfigError(f"pipeline.chunk_sizes={sizes} asks for {sum(sizes)} examples; the training pool has {n}: "
+                          "ask for fewer, or use pipeline.chunk_fractions")
     if min(sizes) < 1:
-        raise ValueError(f"pipeline.chunks={p.chunks}: the training pool has only {n} examples")
+        raise ConfigError(f"pipeline.chunks={p.chunks}: the training pool has only {n} examples; use fewer chunks")
     bounds = np.cumsum([0] + sizes)
     indices = [np.sort(order[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
     if job.acc.is_main_process:

@@ -27,7 +27,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from tokenclean.config import check
+from tokenclean.config import ConfigError, check
 from tokenclean.dist import gather, not_sharded
 from tokenclean.losses import collate, rank_batches
 from tokenclean.models import load_model
@@ -154,8 +154,8 @@ def attention_received(accelerator, lm, input_ids: Ragged, target: Ragged, batch
     def hook(_module, _args, output):
         w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if w is None:
-            raise RuntimeError("xtf: the attention module returned no weights; load the model with "
-                               "attn_implementation=eager (model.attn_implementation=eager)")
+            raise ConfigError("scorer=xtf: the attention module returned no weights; load the model with eager "
+                              "attention: model.attn_implementation=eager")
         w = w.float()
         if heads is not None:
             w = w[:, list(heads)]
