@@ -39,6 +39,8 @@ ARMS = {   # in the order they run (each seed runs every arm): the comparison th
     "full": ["selection=all"],
     "oracle": ["selection=all"],                      # + the injected noise tokens masked (run_arm)
     "fixed (influence)": ["scorer=influence"],
+    "fixed (influence > 0)": ["scorer=influence", "selection=threshold", "selection.threshold=0"],  # no ratio: drop
+                                                      # what the reference finds less likely than the base does
     "self-evolving (influence, warmup)": ["scorer=influence", "pipeline=self_evolving",
                                           "pipeline.first_reference=warmup"],
     "self-evolving (influence, round0)": ["scorer=influence", "pipeline=self_evolving"],
@@ -312,7 +314,7 @@ def run(args, command: str) -> dict:
                                               f"seed={seed}", f"name=arith-{tag}-{seed}"])
             started = time.perf_counter()
             summary = run_arm(name, cfg, cdict, run_dir, oracle_keep if name == "oracle" else None)
-            row = {"arm": name, "seed": seed, "kept_ratio": summary["kept_ratio"],
+            row = {"arm": name, "seed": seed, "commit": code_commit(), "kept_ratio": summary["kept_ratio"],
                    "eval_loss_dev": summary.get("eval_loss_after"), "test": score(summary["checkpoint"]),
                    "seconds": round(time.perf_counter() - started, 1)}
             if name == "fixed (influence)":   # the reference itself: how well does it know the task?
@@ -328,6 +330,16 @@ def run(args, command: str) -> dict:
                 cleanup(run_dir)
     write_report(state, out)
     return state
+
+
+def code_commit() -> str:
+    """The commit of the code this process runs (with "+dirty" when files differ from it): each row records it."""
+    import subprocess
+    here = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
 
 
 def cleanup(run_dir: Path) -> None:
@@ -430,12 +442,12 @@ def write_report(state: dict, out: Path) -> None:
                     auc = f"{np.mean([e['auc right vs wrong'] for e in es]):.3f}" if label == "score" else ""
                     lines.append(f"| {arm} | {label} | {np.mean([e[label]['right'] for e in es]):.3f} | "
                                  f"{np.mean([e[label]['wrong'] for e in es]):.3f} | {auc} |")
-    lines += ["", "Per seed (test exact match):", "", "| arm | seed | exact match | MC acc | kept | s |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Per seed (test exact match):", "", "| arm | seed | exact match | MC acc | kept | s | commit |",
+              "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["arm"], r["seed"])):
         lines.append(f"| {r['arm']} | {r['seed']} | {doc_scores(r['test'], 'arith_em', 'exact_match').mean():.3f} | "
                      f"{doc_scores(r['test'], 'arith_mc', 'acc').mean():.3f} | {r['kept_ratio']:.3f} | "
-                     f"{r['seconds']:.0f} |")
+                     f"{r['seconds']:.0f} | {r.get('commit', '0e6f117')} |")
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     atomic_write_text(out.with_suffix(".json"), json.dumps(state, indent=1))
 
