@@ -66,7 +66,7 @@ def build(out: Path, seed: int, n_warmup: int, n_pool: int, n_dev: int, n_test: 
           words_rate: float, eos: str) -> dict:
     """The data files, the noise spans of the pool (characters of the completion) and the two lm-eval tasks."""
     from tokenclean.data import render_plain
-    from tokenclean.rundir import atomic_write_text
+    from tokenclean.io import atomic_write_text
 
     rng = np.random.default_rng(seed)
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
@@ -232,8 +232,8 @@ def run(args, command: str) -> dict:
     from tokenclean.assets import resolve_model
     from tokenclean.data import read_conversations, tokenize
     from tokenclean.evaluation import evaluate
+    from tokenclean.io import atomic_write_text
     from tokenclean.models import load_tokenizer
-    from tokenclean.rundir import atomic_write_text
 
     out, work = Path(args.out), Path(args.work)
     data = work / "data"
@@ -294,6 +294,14 @@ def run(args, command: str) -> dict:
         best = max(args.dev_ratios, key=lambda r: (state["dev"]["scores"][str(r)]["arith_em"]["exact_match,answer"],
                                                     -abs(r - 0.6)))
         state["dev"]["keep_ratio"] = best
+        save()
+    # the same dev score for the sign rule (influence > 0), reported beside the ratios: it has no ratio to choose
+    if args.dev_ratios and "influence > 0" not in state["dev"].get("scores", {}):
+        cfg, cdict = compose(args.model, [*common, *ARMS["fixed (influence > 0)"], "seed=0", "name=arith-dev-sign"])
+        summary = run_arm("dev", cfg, cdict, work / "runs" / "dev-sign")
+        acc = score(summary["checkpoint"], "dev")
+        state["dev"]["scores"]["influence > 0"] = {t: acc[f"{t}_dev"] for t in TASKS}
+        cleanup(work / "runs" / "dev-sign")
         save()
     keep_ratio = state["dev"].get("keep_ratio", args.keep_ratio)
     for seed in args.seeds:
@@ -356,7 +364,7 @@ def write_report(state: dict, out: Path) -> None:
     """The table: per arm, mean ± std over seeds of exact match, MC acc and margin; paired vs full over the same
     problems and seeds (bootstrap 95% interval, minimal detectable effect); share of the full -> oracle gap closed;
     which tokens each arm trained on."""
-    from tokenclean.rundir import atomic_write_text
+    from tokenclean.io import atomic_write_text
     meta, rows = state["meta"], state["rows"]
     by = {}
     for r in rows:
@@ -456,7 +464,7 @@ def dev_choice(dev: dict) -> str:
     if not dev.get("scores"):
         return "not tuned"
     tried = ", ".join(f"{k}: {v['arith_em']['exact_match,answer']:.3f}" for k, v in dev["scores"].items())
-    return f"chosen on dev exact match with fixed influence, seed 0: {tried}"
+    return f"the keep ratio chosen on dev exact match with fixed influence, seed 0: {tried}"
 
 
 def main(argv=None) -> None:
