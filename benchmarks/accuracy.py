@@ -240,7 +240,7 @@ def noise_drops(work: Path, state: dict, tokenizer_dir: str) -> dict:
 
 
 def save(state: dict, path: Path) -> None:
-    from tokenclean.rundir import atomic_write_text
+    from tokenclean.io import atomic_write_text
     atomic_write_text(path, json.dumps(state, indent=1))
 
 

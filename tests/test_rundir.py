@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.cli import ROOT, TINY, run_cli, stages
-from tokenclean import rundir
+from tokenclean import io, rundir
 from tokenclean.ragged import Ragged
 from tokenclean.rundir import DamagedError, LockedError, RunDir, RunLock
 
@@ -144,13 +144,13 @@ def test_the_run_directory_is_checked_when_opened(tmp_path, accelerator):
 
 def test_a_failed_write_leaves_nothing_and_names_the_path(tmp_path, monkeypatch):
     target = tmp_path / "sub" / "summary.json"
-    rundir.atomic_write_text(target, "old")
+    io.atomic_write_text(target, "old")
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError) as e:
-        rundir.atomic_write_text(target, "new")
+        io.atomic_write_text(target, "new")
     assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(target))
     assert target.read_text() == "old" and [p.name for p in target.parent.iterdir()] == ["summary.json"]
 

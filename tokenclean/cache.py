@@ -37,6 +37,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenclean import io
+
 log = logging.getLogger("tokenclean")
 
 
@@ -57,14 +59,6 @@ def code_fingerprint() -> str:
     for name in COMPUTE_MODULES:
         h.update(name.encode() + b"\0" + (package / name).read_bytes() + b"\0")
     return h.hexdigest()[:16]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def place(src: Path, dst: Path) -> None:
@@ -120,7 +114,7 @@ class ScoreCache:
             for name, src in files.items():
                 place(Path(src), tmp / "files" / name)
                 os.chmod(tmp / "files" / name, 0o444)
-                hashes[name] = sha256_file(tmp / "files" / name)
+                hashes[name] = io.sha256_file(tmp / "files" / name)
             (tmp / "key.json").write_text(key.text)
             (tmp / "entry.json").write_text(json.dumps({"info": info, "files": hashes}, indent=1))
             os.chmod(tmp, 0o755)   # mkdtemp makes it private; the cache may be shared
@@ -145,7 +139,7 @@ class ScoreCache:
                 return None, "key.json is not the current key"
             entry = json.loads((path / "entry.json").read_text())
             for name, digest in entry["files"].items():
-                if sha256_file(path / "files" / name) != digest:
+                if io.sha256_file(path / "files" / name) != digest:
                     return None, f"files/{name} does not match its recorded sha256"
             return entry, None
         except (OSError, ValueError, KeyError, TypeError) as e:

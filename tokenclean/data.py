@@ -36,8 +36,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from tokenclean.config import UserError
+from tokenclean.io import fingerprint
 from tokenclean.ragged import Ragged
-from tokenclean.rundir import fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ import struct
 from pathlib import Path
 
 from tokenclean.config import ConfigError, ModelConfig
-from tokenclean.rundir import check_checksums, fingerprint, fsync_tree, on_main, write_checksums
+from tokenclean.io import fingerprint, fsync_tree
+from tokenclean.rundir import check_checksums, on_main, write_checksums
 
 log = logging.getLogger(__name__)
 

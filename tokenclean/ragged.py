@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenclean import rundir
+from tokenclean import io, rundir
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Ragged:
         """Write `<path>.values.npy`, `<path>.offsets.npy` and `<path>.json` (the meta, written last)."""
         path = Path(path)
         for part, array in (("values", self.values), ("offsets", self.offsets)):
-            rundir.atomic_write(_part(path, part), lambda f, a=array: np.save(f, np.ascontiguousarray(a)))
+            io.atomic_write(_part(path, part), lambda f, a=array: np.save(f, np.ascontiguousarray(a)))
         self.write_meta(path, meta)
 
     @staticmethod
@@ -86,8 +86,8 @@ class Ragged:
         """Write `<path>.json`, which completes the array: `meta` and, under "files", the sizes and hashes of its
         .npy files as they are now (for files placed by other means, e.g. linked from the score cache)."""
         path = Path(path)
-        files = {part: rundir.file_digest(_part(path, part)) for part in ("values", "offsets")}
-        rundir.atomic_write_text(_part(path, "json"), json.dumps({**meta, "files": files}, indent=1, sort_keys=True))
+        files = {part: io.file_digest(_part(path, part)) for part in ("values", "offsets")}
+        io.atomic_write_text(_part(path, "json"), json.dumps({**meta, "files": files}, indent=1, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: dict | None = None, mmap: bool = True) -> "Ragged":

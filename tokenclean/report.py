@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tokenclean.io import atomic_write, atomic_write_text
 from tokenclean.ragged import Ragged
 
 
@@ -27,9 +28,7 @@ def write_cleaned(path: Path, input_ids: Ragged, keep: Ragged) -> None:
     if keep.values.dtype != bool:   # soft weights
         columns["weights"] = np.asarray(keep.values, np.float32)
     table = pa.table({k: pa.ListArray.from_arrays(offsets, pa.array(v)) for k, v in columns.items()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 def write_html(path: Path, tokenizer, input_ids: Ragged, target: Ragged, keep: Ragged, scores: Ragged | None,
@@ -66,6 +65,4 @@ def write_html(path: Path, tokenizer, input_ids: Ragged, target: Ragged, keep: R
 <h2>{html.escape(title)}</h2><p>kept {n_k:,} of {n_t:,} response tokens ({n_k / max(n_t, 1):.1%}).
 <span class=p>prompt</span> <span class=k>kept</span> <span class=d>dropped</span>; hover a token for its score.</p>
 {''.join(rows)}"""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
+    atomic_write_text(path, page)

@@ -29,20 +29,17 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
-import hashlib
 import json
 import logging
 import os
 import pickle
-import re
 import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
+from tokenclean import io
 from tokenclean.config import UserError
 
 log = logging.getLogger("tokenclean")
@@ -51,8 +48,6 @@ CONFIG_KEYS_NOT_AFFECTING_RESULTS = ("resume", "tracking", "name", "eval")
 WAY_OUT = "restore it, or start the run over with resume=false (which clears the run directory)"
 CHECKSUMS = "checksums.json"
 LOCK, LOCK_HEARTBEAT_S, LOCK_STALE_S = ".lock", 60, 600
-FULL_HASH_MAX, SAMPLE, SAMPLES = 64 << 20, 1 << 20, 16
-_STALE_TEMP = re.compile(r"^\..+\.tmp\d+$")   # what atomic_write and save_checkpoint write through
 
 
 class RunDirError(UserError, ValueError):
@@ -67,69 +62,7 @@ class LockedError(RunDirError):
     """Another live run holds the run directory."""
 
 
-def fingerprint(*parts) -> str:
-    """A short stable hash of strings, bytes, numpy arrays and ragged arrays (anything with values and offsets)."""
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, np.ndarray):
-            h.update(str(p.dtype).encode())
-            h.update(np.ascontiguousarray(p).tobytes())
-        elif hasattr(p, "offsets") and hasattr(p, "values"):
-            h.update(np.ascontiguousarray(p.offsets).tobytes())
-            h.update(np.ascontiguousarray(p.values).tobytes())
-        elif isinstance(p, bytes):
-            h.update(p)
-        else:
-            h.update(str(p).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-# -- writing and checking files ------------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(binary file) on a temporary name in the same directory, fsync, then rename over `path`: a reader
-    sees the old file or the whole new one, never a part. The temporary name is per process. On failure (a full
-    disk) the temporary file is removed and the OSError names `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from e
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def fsync_tree(path: Path) -> None:
-    for p in Path(path).rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def file_digest(path: str | os.PathLike) -> dict:
-    """{"size", "blake2b"} of a file, or {"size", "blake2b_sampled"} above FULL_HASH_MAX (see the module doc)."""
-    size, h = os.path.getsize(path), hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        if size <= FULL_HASH_MAX:
-            for block in iter(lambda: f.read(SAMPLE), b""):
-                h.update(block)
-            return {"size": size, "blake2b": h.hexdigest()}
-        for k in range(SAMPLES):
-            f.seek((size - SAMPLE) * k // (SAMPLES - 1))
-            h.update(f.read(SAMPLE))
-        return {"size": size, "blake2b_sampled": h.hexdigest()}
-
-
+# -- checking files ----------------------------------------------------------------------------------------------
 def check_file(path: str | os.PathLike, recorded: dict, hashes: bool = True) -> None:
     """Raise DamagedError unless `path` still has the size (and, with `hashes`, the hash) recorded when written."""
     path = Path(path)
@@ -138,15 +71,15 @@ def check_file(path: str | os.PathLike, recorded: dict, hashes: bool = True) -> 
     size = path.stat().st_size
     if size != recorded["size"]:
         raise DamagedError(f"{path} is damaged ({size} bytes, {recorded['size']} when written); {WAY_OUT}")
-    if hashes and file_digest(path) != recorded:
+    if hashes and io.file_digest(path) != recorded:
         raise DamagedError(f"{path} is damaged (its content changed since it was written); {WAY_OUT}")
 
 
 def write_checksums(directory: Path) -> None:
     """Record every file of a directory about to be published (a checkpoint) in its checksums.json."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    atomic_write_text(directory / CHECKSUMS, json.dumps(
-        {str(p.relative_to(directory)): file_digest(p) for p in files}, indent=1))
+    io.atomic_write_text(directory / CHECKSUMS, json.dumps(
+        {str(p.relative_to(directory)): io.file_digest(p) for p in files}, indent=1))
 
 
 def check_checksums(directory: Path) -> None:
@@ -410,9 +343,9 @@ class RunDir:
     def _open(self, config_dict: dict, data_fp: str, resume: bool) -> None:
         """On rank 0, holding the lock: no other process writes here."""
         for p in list(self.path.rglob(".*.tmp*")):  # left by a killed run: never read, removed
-            if _STALE_TEMP.match(p.name):
+            if io.STALE_TEMP.match(p.name):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        config_fp = fingerprint(json.dumps({k: v for k, v in config_dict.items()
+        config_fp = io.fingerprint(json.dumps({k: v for k, v in config_dict.items()
                                             if k not in CONFIG_KEYS_NOT_AFFECTING_RESULTS}, sort_keys=True))
         if self.manifest_path.exists() and resume:
             old = read_manifest(self.manifest_path)
@@ -430,11 +363,11 @@ class RunDir:
                 for p in self.path.iterdir():
                     if p.name != LOCK:
                         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            run_id = fingerprint(str(self.path.resolve()), time.time())[:12]
+            run_id = io.fingerprint(str(self.path.resolve()), time.time())[:12]
             write_manifest(self.manifest_path, {"config_fingerprint": config_fp, "data_fingerprint": data_fp,
                                                 "run_id": run_id, "stages": {}})
         import yaml
-        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
+        io.atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
 
     def _check_files(self, manifest: dict) -> None:
         """Every array of a completed stage is there at its recorded size (hashed when loaded); every checkpoint
@@ -448,7 +381,8 @@ class RunDir:
 
 def write_manifest(path: Path, data: dict) -> None:
     body = {k: v for k, v in data.items() if k != "checksum"}
-    atomic_write_text(path, json.dumps({**body, "checksum": fingerprint(json.dumps(body, sort_keys=True))}, indent=1))
+    checksum = io.fingerprint(json.dumps(body, sort_keys=True))
+    io.atomic_write_text(path, json.dumps({**body, "checksum": checksum}, indent=1))
 
 
 def read_manifest(path: Path) -> dict:
@@ -456,6 +390,6 @@ def read_manifest(path: Path) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
         raise DamagedError(f"{path} is damaged (not a manifest); {WAY_OUT}")
     body = {k: v for k, v in data.items() if k != "checksum"}
-    if "checksum" in data and data["checksum"] != fingerprint(json.dumps(body, sort_keys=True)):  # none: older
+    if "checksum" in data and data["checksum"] != io.fingerprint(json.dumps(body, sort_keys=True)):  # none: older
         raise DamagedError(f"{path} is damaged (its checksum does not match its content); {WAY_OUT}")
     return body

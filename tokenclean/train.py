@@ -41,9 +41,9 @@ from transformers import get_scheduler
 
 from tokenclean.config import TrainingConfig
 from tokenclean.dist import batch_or_placeholder
+from tokenclean.io import fsync_tree
 from tokenclean.losses import TokenLoss, collate
 from tokenclean.ragged import Ragged
-from tokenclean.rundir import fsync_tree
 
 log = logging.getLogger(__name__)
 

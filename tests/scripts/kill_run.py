@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 
+import tokenclean.io
 import tokenclean.models
 import tokenclean.rundir
 import tokenclean.train
@@ -52,7 +53,7 @@ elif kind == "checkpoint":
             return real_replace(src, dst)
     tokenclean.models.os = _OS()
 elif kind in ("array", "manifest"):
-    real_atomic = tokenclean.rundir.atomic_write_text
+    real_atomic = tokenclean.io.atomic_write_text
 
     def atomic_and_die(path, text):
         if kind == "array" and str(path).endswith(f"/{arg}.json"):
@@ -62,7 +63,7 @@ elif kind in ("array", "manifest"):
                 f.write(text[: len(text) // 2])
             die()
         return real_atomic(path, text)
-    tokenclean.rundir.atomic_write_text = atomic_and_die
+    tokenclean.io.atomic_write_text = atomic_and_die
 else:
     raise SystemExit(f"unknown KILL_AT {kind!r}")
 

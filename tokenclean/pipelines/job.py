@@ -22,8 +22,9 @@ import torch
 from tokenclean import scorers, selection
 from tokenclean.config import Config, ConfigError
 from tokenclean.data import Examples, read_conversations, split_indices, tokenize, tokenizer_fingerprint
+from tokenclean.io import atomic_write_text, fingerprint
 from tokenclean.ragged import Ragged
-from tokenclean.rundir import RunDir, atomic_write_text, fingerprint
+from tokenclean.rundir import RunDir
 
 log = logging.getLogger("tokenclean")
 

@@ -25,9 +25,9 @@ import numpy as np
 
 from tokenclean.config import ConfigError
 from tokenclean.data import Examples
+from tokenclean.io import atomic_write_text
 from tokenclean.pipelines import fixed
 from tokenclean.pipelines.job import Job
-from tokenclean.rundir import atomic_write_text
 from tokenclean.train import plan_steps
 
 
