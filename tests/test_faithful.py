@@ -82,9 +82,15 @@ def test_an_arm_that_needs_a_warmup_set_and_has_none_says_how_to_give_one(tmp_pa
         assert not uses_warmup(cfg)       # a baseline or round0 self-evolving needs no warm-up set
 
 
-def test_warmup_file_and_carving_together_are_refused():
-    with pytest.raises(Exception, match="carve no warm-up set"):
-        validate(composed(["model=tiny", "data.warmup=conf/config.yaml"]))   # chatterbot carves 0.2
+def test_a_warmup_file_wins_over_the_data_presets_carving(tmp_path, tokenizer):
+    """chatterbot carves 20% of the pool; given data.warmup, nothing is carved, for any arm."""
+    warm = tmp_path / "warmup.jsonl"
+    warm.write_text("".join(json.dumps({"prompt": f"w{i}", "completion": f"clean {i}"}) + "\n" for i in range(10)))
+    tiny = ["model=tiny", "data.limit=60", "data.eval_size=10", f"data.warmup={warm}"]
+    got = pools({"fixed": composed(tiny), "full": composed([*tiny, "selection=all"])}, tokenizer)
+    assert got["fixed"][0] == got["full"][0] and got["fixed"][2] == "file" and got["full"][2] == "none"
+    records, skipped = read_data(composed(tiny))
+    assert len(tokenize_data(composed(tiny), records, skipped, tokenizer).train) == 50   # 60 - 10 held out
 
 
 def test_warmup_steps_ceil_and_the_reference_codes_floor():

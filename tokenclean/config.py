@@ -98,7 +98,7 @@ class DataConfig:
     warmup: Optional[str] = None     # the warm-up set a reference learns from (the fixed pipeline's reference,
                                      #   self-evolving with first_reference=warmup), apart from the pool: the
                                      #   paper's separate 10k. None = none, unless carved from `train`:
-    warmup_fraction: Optional[float] = None  # carve this fraction of `train` out as the warm-up set ...
+    warmup_fraction: Optional[float] = None  # no data.warmup: carve this fraction of `train` out as the warm-up set
     warmup_size: Optional[int] = None  # ... or this many examples. A carved split is held out of the pool for every
                                      #   arm (baselines and both pipelines alike), so arms stay comparable; the
                                      #   summary says so. The pool and the warm-up set depend on `data` alone.
@@ -273,10 +273,6 @@ def validate(cfg: Config) -> None:
     check(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive")
     check(d.warmup_fraction is None or 0 < d.warmup_fraction < 1, "data.warmup_fraction", d.warmup_fraction,
           "must be a fraction in (0, 1); for a count use data.warmup_size")
-    check(d.warmup is None or (d.warmup_fraction is None and d.warmup_size is None), "data.warmup_fraction",
-          d.warmup_fraction if d.warmup_size is None else d.warmup_size,
-          f"data.warmup={d.warmup!r} is given: carve no warm-up set from the pool as well (set "
-          "data.warmup_fraction=null data.warmup_size=null)")
     check(d.warmup_size is None or d.warmup_size >= 1, "data.warmup_size", d.warmup_size, "must be at least 1")
     check(d.eval_size >= 0, "data.eval_size", d.eval_size,
           "must be a count >= 0; for a fraction use data.eval_fraction")
