@@ -54,6 +54,8 @@ ARMS = {   # in the order they run (each seed runs every arm): the comparison th
     "full (warm-up, then pool)": ["selection=all", "pipeline=self_evolving", "pipeline.first_reference=warmup"],
 }
 TASKS = ("arith_em", "arith_mc")
+GROUPS = ("false digits", "wrong-sum digits that match the truth", "random words", "right-sum digits",
+          "other clean tokens")
 WORDS = ("river", "purple", "quietly", "banana", "window", "seven", "cloud", "jumping", "marble", "forest")
 
 
@@ -132,10 +134,12 @@ def task_yaml(task: str, split: str, where: Path, eos: str) -> str:
                    "    aggregation: mean\n    higher_is_better: true\n")
 
 
-def response_noise(examples, tokenizer, noise: list[dict], records: list[dict]) -> list[np.ndarray]:
-    """Per pool example, a bool per response token: does it overlap the injected noise span (characters of the
-    completion)? Also returns which response tokens are the answer digits (a right or a wrong sum)."""
-    noisy, answer = [], []
+def response_noise(examples, tokenizer, noise: list[dict], records: list[dict]):
+    """Per pool example, bools per response token: `noisy` (it overlaps the injected noise span, characters of the
+    completion: the oracle masks these), `answer` (the digits of the sum shown, right or wrong) and `false` (a digit
+    of a wrong sum that differs from the true sum's digit in its place: the tokens that teach a falsehood; a wrong
+    sum shares the other digits with the truth, e.g. 59 shown as 56)."""
+    noisy, answer, false = [], [], []
     for i in range(len(examples)):
         ids, tgt = examples.input_ids[i], examples.target[i]
         resp = [int(x) for x in ids[tgt]]
@@ -147,7 +151,13 @@ def response_noise(examples, tokenizer, noise: list[dict], records: list[dict]) 
         span = noise[i]["span"]
         noisy.append(np.array([span is not None and s < span[1] and e > span[0] for s, e in zip(starts, ends)]))
         answer.append(np.array([s < digits[1] and e > digits[0] for s, e in zip(starts, ends)]))
-    return noisy, answer
+        shown = comp[digits[0]:digits[1]]
+        a, b = (int(x) for x in records[i]["prompt"].removeprefix("What is ").rstrip("?").split(" + "))
+        true = str(a + b)
+        bad = {digits[0] + j for j, c in enumerate(shown) if len(shown) != len(true) or c != true[j]} \
+            if noise[i]["kind"] == "wrong_sum" else set()
+        false.append(np.array([any(s <= c < e for c in bad) for s, e in zip(starts, ends)]))
+    return noisy, answer, false
 
 
 def run_arm(name: str, cfg, cdict, run_dir: Path, oracle_keep=None) -> dict:
@@ -171,7 +181,7 @@ def run_arm(name: str, cfg, cdict, run_dir: Path, oracle_keep=None) -> dict:
         rundir.end_run()
 
 
-def trained_share(run_dir: Path, examples, noisy, answer, kinds) -> dict:
+def trained_share(run_dir: Path, examples, noisy, answer, false) -> dict:
     """The share of each kind of response token a run trained on (weights summed for soft weights), from the
     keep arrays it stored (self-evolving: every round's, placed back in pool order; round 0 of
     first_reference=round0 trains every token)."""
@@ -190,12 +200,13 @@ def trained_share(run_dir: Path, examples, noisy, answer, kinds) -> dict:
         keep = Ragged.load(run_dir / "keep", mmap=False)
         kept = [np.asarray(keep[i], np.float64)[target[i]] for i in range(n)]
     kept = [np.ones(len(noisy[i])) if k is None else k for i, k in enumerate(kept)]
-    groups = {"wrong sum digits": [], "random words": [], "right sum digits": [], "other clean tokens": []}
+    groups = {g: [] for g in GROUPS}
     for i in range(n):
-        k, z, a = kept[i], noisy[i], answer[i]
-        groups["wrong sum digits"].append(k[z & a])
+        k, z, a, f = kept[i], noisy[i], answer[i], false[i]
+        groups["false digits"].append(k[f])
+        groups["wrong-sum digits that match the truth"].append(k[z & a & ~f])
         groups["random words"].append(k[z & ~a])
-        groups["right sum digits"].append(k[~z & a])
+        groups["right-sum digits"].append(k[~z & a])
         groups["other clean tokens"].append(k[~z & ~a])
     return {g: float(np.concatenate(v).mean()) if sum(len(x) for x in v) else float("nan")
             for g, v in groups.items()}
@@ -206,9 +217,10 @@ def first_round(run_dir: Path) -> int:
     return 0 if (run_dir / "round_0").exists() else 1
 
 
-def score_evidence(run_dir: Path, examples, answer, kinds) -> dict:
-    """Why a scorer keeps what it keeps: on the answer digits, its mean score and the base's and reference's mean
-    loss for right vs wrong sums, and the AUC of its score separating right from wrong (fixed pipeline runs)."""
+def score_evidence(run_dir: Path, examples, noisy, answer, false) -> dict:
+    """Why a scorer keeps what it keeps: its mean score and the base's and reference's mean loss on the digits of
+    right sums and on the false digits of wrong sums, and the AUC of its score ranking the right above the false
+    (fixed pipeline runs, which store these arrays for the whole pool)."""
     from tokenclean.ragged import Ragged
     out = {}
     arrays = {"score": run_dir / "scores", "base loss": run_dir / "losses/base",
@@ -220,7 +232,8 @@ def score_evidence(run_dir: Path, examples, answer, kinds) -> dict:
         right, wrong = [], []
         for i in range(len(answer)):
             v = np.asarray(a[i], np.float64)[examples.target[i]]
-            (wrong if kinds[i] == "wrong_sum" else right).append(v[answer[i]])
+            right.append(v[answer[i] & ~noisy[i]])
+            wrong.append(v[false[i]])
         right, wrong = np.concatenate(right), np.concatenate(wrong)
         out[label] = {"right": float(np.nanmean(right)), "wrong": float(np.nanmean(wrong))}
         if label == "score":
@@ -264,11 +277,10 @@ def run(args, command: str) -> dict:
         save()
     records = [json.loads(x) for x in (data / "pool.jsonl").read_text().splitlines()]
     noise = [json.loads(x) for x in (data / "pool_noise.jsonl").read_text().splitlines()]
-    kinds = [n["kind"] for n in noise]
     # the pool as every arm tokenizes it (no eval or warm-up split is carved from it: both are files)
     examples = tokenize(read_conversations(str(data / "pool.jsonl"))[0], tokenizer, args.max_length, "plain")
     assert len(examples) == len(records) and examples.n_truncated == 0, "every pool record must be one whole example"
-    noisy, answer = response_noise(examples, tokenizer, noise, records)
+    noisy, answer, false = response_noise(examples, tokenizer, noise, records)
 
     def oracle_keep(job):
         """Every response token but the injected noise."""
@@ -303,6 +315,14 @@ def run(args, command: str) -> dict:
         state["dev"]["scores"]["influence > 0"] = {t: acc[f"{t}_dev"] for t in TASKS}
         cleanup(work / "runs" / "dev-sign")
         save()
+    if args.report:   # the token analysis again for every row, from the arrays its run left; nothing is trained
+        for row in state["rows"]:
+            tag = "".join(c if c.isalnum() else "_" for c in row["arm"]).strip("_")
+            run_dir = work / "runs" / f"{tag}-s{row['seed']}"
+            row["tokens_trained"] = trained_share(run_dir, examples, noisy, answer, false)
+            row["evidence"] = score_evidence(run_dir, examples, noisy, answer, false)
+        write_report(state, out)
+        return state
     keep_ratio = state["dev"].get("keep_ratio", args.keep_ratio)
     for seed in args.seeds:
         for name in args.arms:
@@ -327,8 +347,8 @@ def run(args, command: str) -> dict:
                    "seconds": round(time.perf_counter() - started, 1)}
             if name == "fixed (influence)":   # the reference itself: how well does it know the task?
                 row["reference_test"] = score(run_dir / "reference")
-            row["tokens_trained"] = trained_share(run_dir, examples, noisy, answer, kinds)
-            row["evidence"] = score_evidence(run_dir, examples, answer, kinds)
+            row["tokens_trained"] = trained_share(run_dir, examples, noisy, answer, false)
+            row["evidence"] = score_evidence(run_dir, examples, noisy, answer, false)
             state["rows"] = [r for r in state["rows"] if (r["arm"], r["seed"]) != (name, seed)] + [row]
             save()
             em = row["test"]["arith_em_test"]["exact_match,answer"]
@@ -430,7 +450,7 @@ def write_report(state: dict, out: Path) -> None:
         em = [np.mean([d["exact_match"] for d in x["documents"]["arith_em_test"]]) for x in refs]
         lines += ["", f"The warm-up reference alone (fixed pipeline's, one per seed): test exact match "
                   f"{np.mean(em):.3f} (seeds: {', '.join(f'{x:.3f}' for x in em)})."]
-    groups = ["wrong sum digits", "random words", "right sum digits", "other clean tokens"]
+    groups = [g for g in GROUPS if any(g in r["tokens_trained"] for r in rows)]
     lines += ["", "Which tokens each arm trained on (share kept, weights summed for soft weights; mean over seeds; "
               "training data only):", "", "| arm | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
     for arm, arm_rows in by.items():
@@ -438,8 +458,9 @@ def write_report(state: dict, out: Path) -> None:
             f"{np.nanmean([r['tokens_trained'][g] for r in arm_rows.values()]):.1%}" for g in groups) + " |")
     ev = [(arm, r["evidence"]) for arm, arm_rows in by.items() for r in arm_rows.values() if r.get("evidence")]
     if ev:
-        lines += ["", "Scores and losses on the answer digits, right vs wrong sums (fixed-pipeline runs with stored "
-                  "arrays; mean over seeds):", "", "| arm | measure | right sums | wrong sums | AUC right > wrong |",
+        lines += ["", "Scores and losses on the digits of right sums and on the false digits of wrong sums "
+                  "(fixed-pipeline runs, which store the arrays for the whole pool; mean over seeds):", "",
+                  "| arm | measure | right-sum digits | false digits | AUC right > false |",
                   "|---|---|---|---|---|"]
         seen = {}
         for arm, e in ev:
@@ -490,6 +511,9 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="runs/arithmetic")
     ap.add_argument("--out", default="results/arithmetic_smollm2")
     ap.add_argument("--keep-runs", action="store_true")
+    ap.add_argument("--report", action="store_true",
+                    help="train nothing: recompute the token analysis of every finished row from its run's arrays and "
+                         "rewrite the report")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

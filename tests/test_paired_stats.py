@@ -77,8 +77,8 @@ def test_the_arithmetic_experiment_end_to_end_on_the_tiny_model(tmp_path):
     assert set(rows) == {"full", "oracle", "fixed (influence)", "xtf", "random at xtf's ratio"}
     assert rows["full"]["tokens_trained"] == {g: 1.0 for g in rows["full"]["tokens_trained"]}
     oracle = rows["oracle"]["tokens_trained"]
-    assert oracle["wrong sum digits"] == oracle["random words"] == 0.0
-    assert oracle["right sum digits"] == oracle["other clean tokens"] == 1.0
+    assert oracle["false digits"] == oracle["wrong-sum digits that match the truth"] == oracle["random words"] == 0.0
+    assert oracle["right-sum digits"] == oracle["other clean tokens"] == 1.0
     assert rows["random at xtf's ratio"]["kept_ratio"] == pytest.approx(rows["xtf"]["kept_ratio"], abs=0.01)
     for r in rows.values():
         assert [d["doc_id"] for d in r["test"]["documents"]["arith_em_test"]] == list(range(10))
@@ -88,3 +88,11 @@ def test_the_arithmetic_experiment_end_to_end_on_the_tiny_model(tmp_path):
     assert set(state["paired"]) == {"oracle", "fixed (influence)", "xtf", "random at xtf's ratio"}
     report = out.with_suffix(".md").read_text()
     assert "| oracle | 0." in report and "base (no fine-tuning)" in report
+    # --report trains nothing and recomputes the same token analysis from the runs' arrays
+    before = {r["arm"]: r["tokens_trained"] for r in state["rows"]}
+    for r in state["rows"]:
+        r["tokens_trained"] = None
+    out.with_suffix(".json").write_text(json.dumps(state))
+    arithmetic.main(["--model", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), "--report"])
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert {r["arm"]: r["tokens_trained"] for r in again["rows"]} == before and len(again["rows"]) == len(rows)

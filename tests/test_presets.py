@@ -43,7 +43,7 @@ def test_preset_composes_and_validates(tmp_path, preset):
         assert set(cfg.eval.tasks) == {"mmlu", "arc_challenge", "hellaswag", "boolq"}
         method = preset.split("_", 2)[2]
         assert cfg.selection.method == {"full": "all", "random": "random", "rho": "sample"}.get(method, "global")
-        assert cfg.pipeline.name == ("self_evolving" if method == "self_evolving" else "fixed")
+        assert cfg.pipeline.name == ("self_evolving" if method.startswith("self_evolving") else "fixed")
         assert cfg.name == f"paper-{preset.split('_')[1]}-{method}"
 
 

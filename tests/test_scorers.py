@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import random_examples
-from tokenclean.config import TrainingConfig, XTFConfig
+from tokenclean.config import ConfigError, TrainingConfig, XTFConfig
 from tokenclean.losses import TokenLoss, collate
 from tokenclean.ragged import Ragged
 from tokenclean.scorers import xtf
@@ -123,7 +123,7 @@ def test_attention_received_needs_eager(tiny_lm, accelerator):
     lm = tiny_lm(seed=1)
     lm.set_attn_implementation("sdpa")
     ids, target = ragged([[5, 6, 7]], np.int32), ragged([[0, 1, 1]], bool)
-    with pytest.raises(RuntimeError, match="eager"):
+    with pytest.raises(ConfigError, match="model.attn_implementation=eager"):
         xtf.attention_received(accelerator, lm, ids, target, 1, 0)
 
 

@@ -49,7 +49,7 @@ def make_accelerator(mixed_precision: str = "auto"):
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         from accelerate.state import AcceleratorState
         state = AcceleratorState._shared_state
-        if state and state.get("_mixed_precision") != mp:
+        if "_mixed_precision" in state and state["_mixed_precision"] != mp:
             # accelerate's state is one per process: a library that made an Accelerator of its own before this one
             # (lm-eval's model does, with no mixed precision) would make ours raise. One process, nothing to sync:
             # start the state afresh with ours.
