@@ -9,9 +9,12 @@ same masks and weights.
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import logging
 import math
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +22,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenclean import scorers, selection
+from tokenclean import evaluation, scorers, selection
+from tokenclean.assets import cache_root, resolve_model
+from tokenclean.cache import ScoreCache
 from tokenclean.config import Config, ConfigError
 from tokenclean.data import Examples, read_conversations, split_indices, tokenize, tokenizer_fingerprint
+from tokenclean.dist import gather, make_accelerator, not_sharded
 from tokenclean.io import atomic_write_text, fingerprint
+from tokenclean.losses import TokenLoss, token_losses
+from tokenclean.models import load_model, load_tokenizer, model_fingerprint, save_checkpoint
 from tokenclean.ragged import Ragged
+from tokenclean.report import write_cleaned, write_html
 from tokenclean.rundir import RunDir
+from tokenclean.scorers.online import OnlineSelector
+from tokenclean.tracking import Tracker
+from tokenclean.train import Checkpoints, fit, prepare, remove_states
 
 log = logging.getLogger("tokenclean")
 
@@ -98,7 +110,7 @@ def tokenize_data(cfg: Config, records: dict, skipped: int, tokenizer) -> Data:
         eval_set, pool = pool.subset(taken), pool.subset(rest)
     if "warmup" in records:
         warmup, source = tok(records["warmup"]), "file"
-    elif d.warmup_size is not None or d.warmup_fraction is not None:
+    elif d.warmup is None and (d.warmup_size is not None or d.warmup_fraction is not None):   # a file wins
         if d.warmup_size is not None and d.warmup_size >= len(pool):
             raise ConfigError(f"data.warmup_size={d.warmup_size}: the pool has only {len(pool)} examples left after "
                               "the held-out split; carve fewer, or pass data.warmup=FILE")
@@ -113,7 +125,6 @@ def tokenize_data(cfg: Config, records: dict, skipped: int, tokenizer) -> Data:
 
 def check_eval_tasks(cfg: Config) -> None:
     """A task with no offline data fails here, before any model loads, saying how to point it at local files."""
-    from tokenclean import evaluation
     if cfg.eval.tasks:
         try:
             evaluation.check_tasks(list(cfg.eval.tasks), cfg.eval.include_path, cfg.eval.data_root)
@@ -129,10 +140,6 @@ def stage_seed(seed: int, stage: str) -> int:
 
 class Job:
     def __init__(self, cfg: Config, run_dir: Path, config_dict: dict):
-        from tokenclean.assets import resolve_model
-        from tokenclean.dist import make_accelerator
-        from tokenclean.models import load_tokenizer, model_fingerprint
-        from tokenclean.tracking import Tracker
 
         self.cfg, self.scorer = cfg, scorers.get(cfg.scorer.name)
         check_eval_tasks(cfg)
@@ -165,16 +172,11 @@ class Job:
     def train_model(self, path: str, stage: str, n_examples: int, adapter: str | None = None,
                     steps_before: int = 0, steps_total: int | None = None):
         """A model from `path`, prepared for training a stage of n_examples (train.Prepared)."""
-        from tokenclean.models import load_model
-        from tokenclean.train import prepare
         lm = load_model(path, self.cfg.model, self.cfg.seed, adapter=adapter)
         return prepare(self.acc, lm, n_examples, self.cfg.training, self.stage_seed(stage), steps_before, steps_total)
 
     def scoring_model(self, path: str):
         """A whole copy of the model at `path` on this rank's device, for forward passes only."""
-        from tokenclean.dist import not_sharded
-        from tokenclean.losses import TokenLoss
-        from tokenclean.models import load_model
         with not_sharded(self.acc):
             lm = load_model(path, self.cfg.model, self.cfg.seed, lora=False)
         return TokenLoss(lm, self.cfg.training.loss_chunk_size, self.cfg.training.loss_kernel).to(self.acc.device)
@@ -183,7 +185,6 @@ class Job:
             online=None) -> dict:
         """Train a stage, resuming from its last saved state (<run>/<stage>.state/, train.Checkpoints) if an earlier
         run of it was stopped or killed; its saved states are removed once its training is done."""
-        from tokenclean.train import Checkpoints, fit, remove_states
         t, n_steps, start = self.cfg.training, len(prepared.steps), self.global_step
 
         def on_step(step, metrics):
@@ -204,12 +205,10 @@ class Job:
 
     def save_model(self, prepared, rel: str, start_dir: str) -> None:
         """Write the stage's model as an HF checkpoint (LoRA merged), then free its model and optimiser."""
-        from tokenclean.models import save_checkpoint
         save_checkpoint(self.acc, prepared.model, self.tokenizer, self.run.path / rel, start_dir, self.cfg.model,
                         keep_adapter=self.cfg.model.lora.enabled)
         self.acc.free_memory(prepared.model, prepared.optimizer)
         prepared.model = prepared.optimizer = prepared.scheduler = None   # else this object keeps them alive
-        import gc
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -219,7 +218,6 @@ class Job:
 
     # -- per-token arrays --------------------------------------------------------------------------------------------
     def losses(self, model, examples: Examples, desc: str, entropy: bool = False):
-        from tokenclean.losses import token_losses
         return token_losses(self.acc, model, examples.input_ids, examples.target,
                             self.cfg.training.score_batch_size, self.pad_id, desc=desc, entropy=entropy)
 
@@ -292,7 +290,6 @@ class Job:
                                 s.temperature, seed)
 
     def online_selector(self, target: Ragged, cached: Ragged):
-        from tokenclean.scorers.online import OnlineSelector
         s = self.cfg.selection
         return OnlineSelector(self.scorer.online_score, cached, target, s.method, s.keep_ratio, s.threshold,
                               self.cfg.scorer.online_scope, s.temperature)
@@ -328,8 +325,6 @@ class Job:
         """Task accuracy of the HF checkpoint at `checkpoint` with lm-evaluation-harness on local data (eval.tasks;
         {} when there are none). Every rank takes part (lm-eval splits the requests over the ranks, each with a
         whole copy of the model); the scores go to metrics.jsonl / wandb with `round` as their x-axis."""
-        from tokenclean import evaluation
-        from tokenclean.dist import gather, not_sharded
         e = self.cfg.eval
         if not e.tasks:
             return {}
@@ -366,8 +361,6 @@ class Job:
         """A cache key's inputs: `inputs` and what every cached stage depends on: the base model and tokenizer, the
         model group, tokenization, and the compute environment (precision, device, processes, library versions),
         since any of them can change the bits."""
-        import dataclasses
-        import platform
         from importlib.metadata import PackageNotFoundError, version
 
         def installed(package):
@@ -394,8 +387,6 @@ class Job:
         Rank 0 alone reads and writes the cache and tells the others what it found."""
         if not self.cfg.cache:
             return compute()
-        from tokenclean.assets import cache_root
-        from tokenclean.cache import ScoreCache
         cache, run, main = ScoreCache(cache_root() / "scores"), self.run.path, self.acc.is_main_process
         key = cache.key(kind, inputs)
         info = None
@@ -434,7 +425,6 @@ def setup(cfg: Config, run_dir: Path, config_dict: dict) -> Job:
 def finish(job: Job, summary: dict, parts: list[tuple[Examples, str]]) -> dict:
     """Write cleaned.parquet and report.html over `parts` (examples, the rel prefix of their arrays), summary.json,
     and close the tracker."""
-    from tokenclean.report import write_cleaned, write_html
     d = job.data
     summary.update(seconds=round(time.perf_counter() - job.started, 1), run_dir=str(job.run.path),
                    pool={"examples": len(d.train), "warmup_source": d.warmup_source,
