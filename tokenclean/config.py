@@ -65,6 +65,7 @@ RoundSchedule = choices("RoundSchedule", "restart", "continuous")
 RoundLora = choices("RoundLora", "merge", "continue")
 TrackingBackend = choices("TrackingBackend", "wandb", "none")
 TrackingMode = choices("TrackingMode", "online", "offline", "disabled")
+BASELINES = (Method.random, Method.all)   # selection methods that run no scorer
 
 
 @dataclass
@@ -279,9 +280,9 @@ def validate(cfg: Config) -> None:
     check(d.eval_fraction is None or 0 < d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction,
           "must be in (0, 1)")
 
-    if s.method in ("global", "sample", "random", "soft"):
+    if s.method in (Method["global"], Method.sample, Method.random, Method.soft):
         check(0 < s.keep_ratio <= 1, "selection.keep_ratio", s.keep_ratio, "must be in (0, 1]")
-    if s.method == "threshold":
+    if s.method == Method.threshold:
         check(s.threshold is not None, "selection.threshold", s.threshold, "method=threshold needs a number")
     check(s.temperature > 0, "selection.temperature", s.temperature, "must be positive")
 
@@ -294,7 +295,7 @@ def validate(cfg: Config) -> None:
           f"must be >= training.micro_batch_size ({t.micro_batch_size})")
     check(t.score_batch_size >= 1, "training.score_batch_size", t.score_batch_size, "must be at least 1")
     check(t.loss_chunk_size >= 1, "training.loss_chunk_size", t.loss_chunk_size, "must be at least 1")
-    if t.loss_kernel == "fused":
+    if t.loss_kernel == LossKernel.fused:
         why = fused_loss_unavailable()
         check(why is None, "training.loss_kernel", t.loss_kernel,
               f"{why}; the fused loss needs a CUDA device and liger-kernel>={LIGER_MIN} (pip install "
@@ -302,7 +303,7 @@ def validate(cfg: Config) -> None:
     check(t.save_every >= 0, "training.save_every", t.save_every, "must be a step count >= 0 (0 = off)")
     check(t.keep_checkpoints >= 1, "training.keep_checkpoints", t.keep_checkpoints, "must be at least 1")
 
-    if p.name == "self_evolving":
+    if p.name == PipelineName.self_evolving:
         check(p.chunk_sizes is None or p.chunk_fractions is None, "pipeline.chunk_fractions", p.chunk_fractions,
               "give pipeline.chunk_sizes (counts) or pipeline.chunk_fractions, not both")
         if p.chunk_sizes is not None:

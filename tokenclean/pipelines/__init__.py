@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenclean.config import Config
+from tokenclean.config import Config, PipelineName
 
 
 def run(cfg: Config, run_dir: Path, config_dict: dict):
@@ -11,5 +11,5 @@ def run(cfg: Config, run_dir: Path, config_dict: dict):
     from tokenclean.pipelines import fixed, self_evolving
     from tokenclean.pipelines.job import finish, setup
     job = setup(cfg, run_dir, config_dict)
-    summary, parts = (fixed if cfg.pipeline.name == "fixed" else self_evolving).run(job)
+    summary, parts = (fixed if cfg.pipeline.name == PipelineName.fixed else self_evolving).run(job)
     return job, finish(job, summary, parts)

@@ -25,7 +25,7 @@ import torch
 from tokenclean import evaluation, scorers, selection
 from tokenclean.assets import cache_root, resolve_model
 from tokenclean.cache import ScoreCache
-from tokenclean.config import Config, ConfigError
+from tokenclean.config import BASELINES, Config, ConfigError, FirstReference, Method, PipelineName
 from tokenclean.data import Examples, read_conversations, split_indices, tokenize, tokenizer_fingerprint
 from tokenclean.dist import gather, make_accelerator, not_sharded
 from tokenclean.io import atomic_write_text, fingerprint
@@ -54,18 +54,17 @@ class Data:
 def uses_warmup(cfg: Config) -> bool:
     """Whether this arm trains a model on the warm-up set: the fixed pipeline's reference (for a scorer that compares
     with one), or self-evolving's first reference with first_reference=warmup. Baselines never do."""
-    if cfg.selection.method in ("all", "random"):
-        return cfg.pipeline.name == "self_evolving" and cfg.pipeline.first_reference == "warmup"
-    if cfg.pipeline.name == "fixed":
-        return scorers.get(cfg.scorer.name).needs_reference
-    return cfg.pipeline.first_reference == "warmup"
+    warm = cfg.pipeline.name == PipelineName.self_evolving and cfg.pipeline.first_reference == FirstReference.warmup
+    if cfg.selection.method in BASELINES or cfg.pipeline.name == PipelineName.self_evolving:
+        return warm
+    return scorers.get(cfg.scorer.name).needs_reference
 
 
 def check_warmup(cfg: Config) -> None:
     """An arm that trains on a warm-up set has one: a file, or a split carved from the pool."""
     d = cfg.data
     if uses_warmup(cfg) and d.warmup is None and d.warmup_fraction is None and d.warmup_size is None:
-        who = ("pipeline.first_reference=warmup" if cfg.pipeline.name == "self_evolving"
+        who = ("pipeline.first_reference=warmup" if cfg.pipeline.name == PipelineName.self_evolving
                else f"scorer={cfg.scorer.name} in the fixed pipeline")
         raise ConfigError(f"data.warmup=null: {who} trains its reference on a warm-up set; pass data.warmup=FILE (the "
                           "paper's separate 10k), or carve one from the pool with data.warmup_fraction=0.2 (then carve "
@@ -143,7 +142,7 @@ class Job:
 
         self.cfg, self.scorer = cfg, scorers.get(cfg.scorer.name)
         check_eval_tasks(cfg)
-        self.scored = cfg.selection.method not in ("all", "random")   # the baselines run no scorer
+        self.scored = cfg.selection.method not in BASELINES   # the baselines run no scorer
         records, skipped = read_data(cfg)
         # a built-in model is built (once, cached) before the Accelerator exists: under ZeRO-3 every model
         # construction after it is a collective (deepspeed.zero.Init) that the other ranks would never join. Every
@@ -282,9 +281,9 @@ class Job:
         """The keep mask (or soft weights) from a scorer's answer: its own decision where it has one (XTF's rules),
         else selection.method over its scores. The baselines (all, random) need no scores."""
         s = self.cfg.selection
-        if scored is not None and s.method == "soft" and scored.weights is not None:
+        if scored is not None and s.method == Method.soft and scored.weights is not None:
             return scored.weights
-        if scored is not None and s.method != "soft" and scored.keep is not None:
+        if scored is not None and s.method != Method.soft and scored.keep is not None:
             return scored.keep
         return selection.select(scored.scores if scored else None, target, s.method, s.keep_ratio, s.threshold,
                                 s.temperature, seed)

@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from tokenclean.config import ConfigError
+from tokenclean.config import ConfigError, FirstReference, RoundLora, RoundSchedule
 from tokenclean.data import Examples
 from tokenclean.io import atomic_write_text
 from tokenclean.pipelines import fixed
@@ -34,7 +34,7 @@ from tokenclean.train import plan_steps
 def run(job: Job) -> tuple[dict, list]:
     job.evaluate_base_tasks()
     chunks, indices = make_chunks(job)
-    warm = job.cfg.pipeline.first_reference == "warmup"
+    warm = job.cfg.pipeline.first_reference == FirstReference.warmup
     first = 1 if warm else 0      # the index of the first round that trains (round t trains chunks[t - first])
     if warm and not job.run.done("reference"):
         fixed.train_reference(job)
@@ -84,9 +84,9 @@ def train_round(job: Job, t: int, first: int, chunks: list[Examples], indices: l
     p, stage, k = job.cfg.pipeline, f"round_{t}", t - first     # k: the chunk this round trains
     chunk = chunks[k]
     previous = job.run.path / ("reference" if t == first else f"round_{t - 1}/model")
-    continue_adapter = t > 0 and job.cfg.model.lora.enabled and p.lora == "continue"
+    continue_adapter = t > 0 and job.cfg.model.lora.enabled and p.lora == RoundLora["continue"]
     start = job.base_dir if t == 0 or continue_adapter else str(previous)
-    continuous = p.schedule == "continuous"
+    continuous = p.schedule == RoundSchedule.continuous
     with job.run.stage(stage) as st:
         model = job.train_model(start, stage, len(chunk), adapter=str(previous / "adapter") if continue_adapter
                                 else None, steps_before=sum(round_steps[:k]) if continuous else 0,

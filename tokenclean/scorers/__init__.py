@@ -22,7 +22,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from tokenclean.config import Config, ConfigError, check
+from tokenclean.config import BASELINES, Config, ConfigError, Method, OnlineScope, check
 from tokenclean.ragged import Ragged
 
 
@@ -77,13 +77,14 @@ def validate(cfg: Config) -> None:
     """The scorer's part of validation: its pipelines, online constraints and its own checks."""
     s = cfg.selection
     scorer = get(cfg.scorer.name)
-    if s.method in ("random", "all"):
+    if s.method in BASELINES:
         return  # a baseline: no scorer runs
     check(cfg.pipeline.name in scorer.pipelines, "pipeline.name", cfg.pipeline.name,
           f"scorer={scorer.name} runs in the {' and '.join(scorer.pipelines)} pipeline only; use pipeline="
           f"{scorer.pipelines[0]}, or a scorer that runs in {cfg.pipeline.name} (influence, self_online, entropy)")
     if scorer.online:
-        check(not (s.method in ("threshold", "soft") and cfg.scorer.online_scope == "micro"), "scorer.online_scope",
+        check(not (s.method in (Method.threshold, Method.soft) and cfg.scorer.online_scope == OnlineScope.micro),
+              "scorer.online_scope",
               cfg.scorer.online_scope, f"selection.method={s.method} needs online_scope=step (the step's loss "
               "normaliser must be known before the first backward)")
     if scorer.validate is not None:
