@@ -354,8 +354,9 @@ VARIANTS = {"plain": (["selection=all"], True),
 
 def part_self_evolving(a, argv) -> None:
     from tokenclean.config import Config
+    # no warm-up split carved (chatterbot carves one for every arm now): the pool its figures were measured on
     base = [f"model={a.model}", "tracking=none", f"data.limit={a.limit}", f"data.eval_size={a.eval_size}",
-            "pipeline=self_evolving", f"pipeline.chunks={a.chunks}"]
+            "data.warmup_fraction=null", "pipeline=self_evolving", f"pipeline.chunks={a.chunks}"]
     if hasattr(Config(), "cache"):
         base.append("cache=false")       # a score cache hit would skip the base-loss pass
     tmp = tempfile.mkdtemp(prefix="perf_se_")
