@@ -408,7 +408,8 @@ def part_self_evolving(a, argv) -> None:
     lines = [f"## Self-evolving / plain SFT ({a.model}, data.limit={a.limit}, {a.chunks} chunks)", "",
              f"Command: `{_command(argv)}`", "",
              f"Each column is one `tokenclean` run (`model={a.model} tracking=none data.limit={a.limit} "
-             f"data.eval_size={a.eval_size} pipeline=self_evolving pipeline.chunks={a.chunks}` + its overrides) in a "
+             f"data.eval_size={a.eval_size} data.warmup_fraction=null pipeline=self_evolving "
+             f"pipeline.chunks={a.chunks}` + its overrides) in a "
              f"fresh process; the runs of a group (#0, #1, ...) go at once, so that the runs compared share the "
              f"machine's load, each against the plain SFT run of its group (* a group without one: against the "
              f"mean of the plain runs); torch threads: "
