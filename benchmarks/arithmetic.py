@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shlex
 import shutil
 import sys
@@ -38,6 +39,8 @@ log = logging.getLogger("benchmarks.arithmetic")
 ARMS = {   # in the order they run (each seed runs every arm): the comparison that matters most first
     "full": ["selection=all"],
     "oracle": ["selection=all"],                      # + the injected noise tokens masked (run_arm)
+    "oracle (false digits only)": ["selection=all"],  # + only the false digits and the random words masked: a wrong
+                                                      # sum's digits that match the truth stay trained
     "fixed (influence)": ["scorer=influence"],
     "fixed (influence > 0)": ["scorer=influence", "selection=threshold", "selection.threshold=0"],  # no ratio: drop
                                                       # what the reference finds less likely than the base does
@@ -258,7 +261,7 @@ def run(args, command: str) -> dict:
     meta = json.loads((data / "meta.json").read_text())
     state_path = out.with_suffix(".json")
     state = json.loads(state_path.read_text()) if state_path.exists() else {"rows": [], "base": None, "dev": {}}
-    state["meta"] = {**meta, "model": args.model, "seeds": args.seeds, "epochs": args.epochs,
+    state["meta"] = {**meta, "data_dir": str(data), "model": args.model, "seeds": args.seeds, "epochs": args.epochs,
                      "wrong_rate": args.wrong_rate, "words_rate": args.words_rate, "chunks": args.chunks,
                      "commands": sorted(set(state.get("meta", {}).get("commands", []) + [command]))}
 
@@ -282,12 +285,13 @@ def run(args, command: str) -> dict:
     assert len(examples) == len(records) and examples.n_truncated == 0, "every pool record must be one whole example"
     noisy, answer, false = response_noise(examples, tokenizer, noise, records)
 
-    def oracle_keep(job):
-        """Every response token but the injected noise."""
+    def oracle_keep(job, only_false=False):
+        """Every response token but the injected noise (only_false: but the false digits and the random words)."""
         if job.data.train.fingerprint() != examples.fingerprint():
             raise RuntimeError("the oracle's pool differs from the one its noise spans were mapped on")
+        drop = [f | (z & ~a) for z, a, f in zip(noisy, answer, false)] if only_false else noisy
         keep = examples.target.values.copy()
-        keep[keep] = ~np.concatenate(noisy)
+        keep[keep] = ~np.concatenate(drop)
         return examples.target.like(keep)
 
     # the keep ratio, chosen on the dev set (held-out loss is not the measure: dev exact match is) with seed 0
@@ -341,7 +345,8 @@ def run(args, command: str) -> dict:
             cfg, cdict = compose(args.model, [*common, *ARMS[name], f"selection.keep_ratio={ratio}",
                                               f"seed={seed}", f"name=arith-{tag}-{seed}"])
             started = time.perf_counter()
-            summary = run_arm(name, cfg, cdict, run_dir, oracle_keep if name == "oracle" else None)
+            oracle = {"oracle": oracle_keep, "oracle (false digits only)": lambda job: oracle_keep(job, True)}
+            summary = run_arm(name, cfg, cdict, run_dir, oracle.get(name))
             row = {"arm": name, "seed": seed, "commit": code_commit(), "kept_ratio": summary["kept_ratio"],
                    "eval_loss_dev": summary.get("eval_loss_after"), "test": score(summary["checkpoint"]),
                    "seconds": round(time.perf_counter() - started, 1)}
@@ -445,6 +450,13 @@ def write_report(state: dict, out: Path) -> None:
         lines += ["", f"The noise hurts: oracle - full = {gap:+.3f} exact match (paired: "
                   f"{summary['oracle']['ci'][0]:+.3f} .. {summary['oracle']['ci'][1]:+.3f})."
                   if "oracle" in summary else ""]
+    carry = carries(meta)
+    if carry is not None:
+        lines += ["", f"Exact match on the test problems with a carry in the units ({carry.mean():.0%} of them) and "
+                  "without (mean over seeds):", "", "| arm | with a carry | without |", "|---|---|---|"]
+        for arm, arm_rows in by.items():
+            em = np.stack([doc_scores(r["test"], "arith_em", "exact_match") for r in arm_rows.values()])
+            lines.append(f"| {arm} | {em[:, carry].mean():.3f} | {em[:, ~carry].mean():.3f} |")
     refs = [r["reference_test"] for r in rows if "reference_test" in r]
     if refs:
         em = [np.mean([d["exact_match"] for d in x["documents"]["arith_em_test"]]) for x in refs]
@@ -479,6 +491,16 @@ def write_report(state: dict, out: Path) -> None:
                      f"{r['seconds']:.0f} | {r.get('commit', '0e6f117')} |")
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     atomic_write_text(out.with_suffix(".json"), json.dumps(state, indent=1))
+
+
+def carries(meta: dict) -> np.ndarray | None:
+    """Per test problem (in document order): does adding its units digits carry? None without the data."""
+    path = Path(meta.get("data_dir", "")) / "tasks" / "test.jsonl"
+    if not path.is_file():
+        return None
+    pairs = [re.search(r"What is (\d+) \+ (\d+)\?", json.loads(x)["text"]).groups()
+             for x in path.read_text().splitlines()]
+    return np.array([int(a) % 10 + int(b) % 10 >= 10 for a, b in pairs])
 
 
 def dev_choice(dev: dict) -> str:
