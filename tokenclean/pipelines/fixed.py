@@ -15,6 +15,7 @@ from tokenclean import selection
 from tokenclean.pipelines.job import Job
 
 BASE = "losses/base"
+REFERENCE = "losses/reference"   # the warm-up reference's losses on the pool (also self-evolving's first reference)
 # training keys that never change the reference's weights (logging, resumable states): not in its cache key
 BOOKKEEPING = ("log_every", "save_every", "keep_checkpoints")
 
@@ -44,7 +45,7 @@ def train_reference(job: Job) -> None:
         job.base_signals(model.model, base_parts)
         info.update(job.fit(model, d.warmup, d.warmup.target, "reference"))
         started = time.perf_counter()
-        job.save_array(job.losses(model.model, d.train, "reference losses"), "losses/reference")
+        job.save_array(job.losses(model.model, d.train, "reference losses"), REFERENCE)
         info["score_seconds"] = round(time.perf_counter() - started, 2)
         info["eval_reference"] = job.evaluate(model.model, "reference")
         job.save_model(model, "reference", job.base_dir)
@@ -54,7 +55,7 @@ def train_reference(job: Job) -> None:
     inputs = job.cache_inputs(warmup=d.warmup.fingerprint(), pool=d.train.fingerprint(),
                               eval=d.eval.fingerprint() if d.eval else None, seed=cfg.seed, training=training)
     with job.run.stage("reference") as st:
-        st.info.update(job.cached_stage("reference", inputs, {"reference_losses": "losses/reference"},
+        st.info.update(job.cached_stage("reference", inputs, {"reference_losses": REFERENCE},
                                         ("reference",), train))
         if st.info.get("cached"):
             job.global_step += st.info["steps"]   # as if trained here: later stages log on the same step axis
@@ -73,7 +74,7 @@ def select(job: Job) -> None:
         if job.scored:
             if (scorer.uses_base or scorer.base_entropy) and not job.run.done("base_losses"):
                 job.base_signals(lambda: job.scoring_model(job.base_dir), [(BASE, d.train)])
-            scored = scorer.score(job.signals(d.train, BASE, "losses/reference" if scorer.needs_reference else None))
+            scored = scorer.score(job.signals(d.train, BASE, REFERENCE if scorer.needs_reference else None))
             st.info.update(scored.info)
         keep = job.decide(scored, d.train.target, job.cfg.seed)
         job.save_scored(scored, keep, "")
@@ -91,7 +92,7 @@ def train_final(job: Job) -> None:
         if online:   # the base's losses come from these weights, before the first update
             job.base_signals(model.model, [(BASE, d.train)])
             selector = job.online_selector(d.train.target, job.load_array(
-                BASE if scorer.cached == "base" else "losses/reference"))
+                BASE if scorer.cached == "base" else REFERENCE))
         st.info.update(job.fit(model, d.train, d.train.target if online else job.load_array("keep"), "final",
                                online=selector))
         if selector is not None:

@@ -103,7 +103,7 @@ def train_round(job: Job, t: int, first: int, chunks: list[Examples], indices: l
             selector = job.online_selector(chunk.target, job.load_array(f"{stage}/base_losses"))
         else:
             # the warm-up model's losses on this chunk, as the reference stage stored them (not recomputed)
-            stored = job.load_array("losses/reference").select(indices[k]) if t == first else None
+            stored = job.load_array(fixed.REFERENCE).select(indices[k]) if t == first else None
             scores, keep = select_round(job, model.model, stage, chunk, stored)
         trained = job.fit(model, chunk, keep, stage, round_index=t, online=selector)
         st.info.update(trained)
