@@ -195,7 +195,10 @@ def test_soft_weights_ddp_two_processes_equal_one(dist_env, tmp_path, scorer):
            launcher_args=["--num_processes", "2"])
     w_one, w_two = (np.load(d / "keep.values.npy") for d in (one, two))
     assert w_one.dtype == np.float32 and 0 < w_one.sum() < np.count_nonzero(w_one)   # real fractional weights
-    np.testing.assert_allclose(w_two, w_one, rtol=0, atol=1e-5)
+    # online scores are rounded to 2^-16 nats (scorers/online.py), so a score whose two runs' losses straddle a
+    # rounding boundary moves by one step, its weight by <= 2^-16 / (4 temperature sigma) ~ 2e-5 here; a real bug
+    # (a step's weights from another step's losses, the first step's noise ranked) moves weights by 1e-2 to 0.5
+    np.testing.assert_allclose(w_two, w_one, rtol=0, atol=1e-4)
     from safetensors.torch import load_file
     a, b = (load_file(d / "final" / "model.safetensors") for d in (one, two))
     for k in a:

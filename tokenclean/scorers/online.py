@@ -28,6 +28,18 @@ from tokenclean.losses import collate
 from tokenclean.ragged import Ragged
 from tokenclean.train import micro_batches
 
+SCORE_RESOLUTION = 2.0 ** -16   # nats (1.5e-5); a power of two, so the rounding itself is exact
+
+
+def round_to_resolution(scores: np.ndarray) -> np.ndarray:
+    """Scores rounded to SCORE_RESOLUTION. The cached and the current losses come from different passes (another
+    batch shape, packing or process count) whose float32 rounding differs by ~1e-6 nats. Unrounded, that noise
+    decides the ranking wherever the real scores tie: at self_online's first step (current == base exactly, so
+    every score is 0 +- 5e-7) a soft rule's scale-free weights were the noise blown up to [0, 1], and they changed
+    with the number of processes. Rounded, those scores are exact ties, which the selection rules break by
+    position (hard) or weigh alike (soft: 1/2 each)."""
+    return np.round(np.asarray(scores, np.float64) / SCORE_RESOLUTION) * SCORE_RESOLUTION
+
 
 class OnlineSelector:
     """Per-batch token selection during training: implements `train.OnlineHook` (begin_step, then weigh per
@@ -75,7 +87,7 @@ class OnlineSelector:
         together by selection.method (ties to the earlier example in idx, then the earlier position)."""
         pos = self._positions(idx)
         assert len(pos) == len(current), (len(pos), len(current))
-        s = self.score_fn(self.cached[pos].astype(np.float64), np.asarray(current, np.float64))
+        s = round_to_resolution(self.score_fn(self.cached[pos].astype(np.float64), np.asarray(current, np.float64)))
         counts = self.n_target[np.asarray(idx, np.int64)] if len(idx) else np.zeros(0, np.int64)
         offsets = np.zeros(len(counts) + 1, np.int64)
         np.cumsum(counts, out=offsets[1:])
