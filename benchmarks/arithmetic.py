@@ -58,7 +58,7 @@ ARMS = {   # in the order they run (each seed runs every arm): the comparison th
 }
 TASKS = ("arith_em", "arith_mc")
 GROUPS = ("false digits", "wrong-sum digits that match the truth", "random words", "right-sum digits",
-          "other clean tokens")
+          "right-sum digits, carry", "right-sum digits, no carry", "other clean tokens")
 WORDS = ("river", "purple", "quietly", "banana", "window", "seven", "cloud", "jumping", "marble", "forest")
 
 
@@ -184,10 +184,11 @@ def run_arm(name: str, cfg, cdict, run_dir: Path, oracle_keep=None) -> dict:
         rundir.end_run()
 
 
-def trained_share(run_dir: Path, examples, noisy, answer, false) -> dict:
+def trained_share(run_dir: Path, examples, noisy, answer, false, carry) -> dict:
     """The share of each kind of response token a run trained on (weights summed for soft weights), from the
     keep arrays it stored (self-evolving: every round's, placed back in pool order; round 0 of
-    first_reference=round0 trains every token)."""
+    first_reference=round0 trains every token). Right-sum digits are also split by whether the problem carries in
+    the units (`carry`, per pool example): a scorer that drops what is hard rather than what is wrong drops those."""
     from tokenclean.ragged import Ragged
     n, target = len(noisy), examples.target
     kept = [None] * n
@@ -210,6 +211,7 @@ def trained_share(run_dir: Path, examples, noisy, answer, false) -> dict:
         groups["wrong-sum digits that match the truth"].append(k[z & a & ~f])
         groups["random words"].append(k[z & ~a])
         groups["right-sum digits"].append(k[~z & a])
+        groups["right-sum digits, carry" if carry[i] else "right-sum digits, no carry"].append(k[~z & a])
         groups["other clean tokens"].append(k[~z & ~a])
     return {g: float(np.concatenate(v).mean()) if sum(len(x) for x in v) else float("nan")
             for g, v in groups.items()}
@@ -220,10 +222,11 @@ def first_round(run_dir: Path) -> int:
     return 0 if (run_dir / "round_0").exists() else 1
 
 
-def score_evidence(run_dir: Path, examples, noisy, answer, false) -> dict:
+def score_evidence(run_dir: Path, examples, noisy, answer, false, carry) -> dict:
     """Why a scorer keeps what it keeps: its mean score and the base's and reference's mean loss on the digits of
-    right sums and on the false digits of wrong sums, and the AUC of its score ranking the right above the false
-    (fixed pipeline runs, which store these arrays for the whole pool)."""
+    right sums (all, and those of problems that carry in the units) and on the false digits of wrong sums, and the
+    AUC of its score ranking the right above the false (fixed pipeline runs, which store these arrays for the whole
+    pool)."""
     from tokenclean.ragged import Ragged
     out = {}
     arrays = {"score": run_dir / "scores", "base loss": run_dir / "losses/base",
@@ -232,13 +235,15 @@ def score_evidence(run_dir: Path, examples, noisy, answer, false) -> dict:
         if not Ragged.exists(path):
             continue
         a = Ragged.load(path, mmap=False)
-        right, wrong = [], []
+        right, wrong, right_carry = [], [], []
         for i in range(len(answer)):
             v = np.asarray(a[i], np.float64)[examples.target[i]]
             right.append(v[answer[i] & ~noisy[i]])
+            right_carry.append(right[-1] if carry[i] else v[:0])
             wrong.append(v[false[i]])
-        right, wrong = np.concatenate(right), np.concatenate(wrong)
-        out[label] = {"right": float(np.nanmean(right)), "wrong": float(np.nanmean(wrong))}
+        right, wrong, right_carry = np.concatenate(right), np.concatenate(wrong), np.concatenate(right_carry)
+        out[label] = {"right": float(np.nanmean(right)), "wrong": float(np.nanmean(wrong)),
+                      "right, carry": float(np.nanmean(right_carry))}
         if label == "score":
             out["auc right vs wrong"] = stats.auc(right, wrong)
     return out
@@ -284,6 +289,7 @@ def run(args, command: str) -> dict:
     examples = tokenize(read_conversations(str(data / "pool.jsonl"))[0], tokenizer, args.max_length, "plain")
     assert len(examples) == len(records) and examples.n_truncated == 0, "every pool record must be one whole example"
     noisy, answer, false = response_noise(examples, tokenizer, noise, records)
+    carry = [units_carry(r["prompt"]) for r in records]
 
     def oracle_keep(job, only_false=False):
         """Every response token but the injected noise (only_false: but the false digits and the random words)."""
@@ -323,8 +329,8 @@ def run(args, command: str) -> dict:
         for row in state["rows"]:
             tag = "".join(c if c.isalnum() else "_" for c in row["arm"]).strip("_")
             run_dir = work / "runs" / f"{tag}-s{row['seed']}"
-            row["tokens_trained"] = trained_share(run_dir, examples, noisy, answer, false)
-            row["evidence"] = score_evidence(run_dir, examples, noisy, answer, false)
+            row["tokens_trained"] = trained_share(run_dir, examples, noisy, answer, false, carry)
+            row["evidence"] = score_evidence(run_dir, examples, noisy, answer, false, carry)
         write_report(state, out)
         return state
     keep_ratio = state["dev"].get("keep_ratio", args.keep_ratio)
@@ -352,8 +358,8 @@ def run(args, command: str) -> dict:
                    "seconds": round(time.perf_counter() - started, 1)}
             if name == "fixed (influence)":   # the reference itself: how well does it know the task?
                 row["reference_test"] = score(run_dir / "reference")
-            row["tokens_trained"] = trained_share(run_dir, examples, noisy, answer, false)
-            row["evidence"] = score_evidence(run_dir, examples, noisy, answer, false)
+            row["tokens_trained"] = trained_share(run_dir, examples, noisy, answer, false, carry)
+            row["evidence"] = score_evidence(run_dir, examples, noisy, answer, false, carry)
             state["rows"] = [r for r in state["rows"] if (r["arm"], r["seed"]) != (name, seed)] + [row]
             save()
             em = row["test"]["arith_em_test"]["exact_match,answer"]
@@ -467,13 +473,15 @@ def write_report(state: dict, out: Path) -> None:
               "training data only):", "", "| arm | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
     for arm, arm_rows in by.items():
         lines.append(f"| {arm} | " + " | ".join(
-            f"{np.nanmean([r['tokens_trained'][g] for r in arm_rows.values()]):.1%}" for g in groups) + " |")
+            f"{np.nanmean([r['tokens_trained'].get(g, np.nan) for r in arm_rows.values()]):.1%}" for g in groups)
+            + " |")
+    lines += ["", "(Rows that ran before the carry split have no carry columns: 'nan'.)"]
     ev = [(arm, r["evidence"]) for arm, arm_rows in by.items() for r in arm_rows.values() if r.get("evidence")]
     if ev:
         lines += ["", "Scores and losses on the digits of right sums and on the false digits of wrong sums "
                   "(fixed-pipeline runs, which store the arrays for the whole pool; mean over seeds):", "",
-                  "| arm | measure | right-sum digits | false digits | AUC right > false |",
-                  "|---|---|---|---|---|"]
+                  "| arm | measure | right-sum digits | of them, carry | false digits | AUC right > false |",
+                  "|---|---|---|---|---|---|"]
         seen = {}
         for arm, e in ev:
             seen.setdefault(arm, []).append(e)
@@ -481,8 +489,9 @@ def write_report(state: dict, out: Path) -> None:
             for label in ("score", "base loss", "reference loss"):
                 if label in es[0]:
                     auc = f"{np.mean([e['auc right vs wrong'] for e in es]):.3f}" if label == "score" else ""
-                    lines.append(f"| {arm} | {label} | {np.mean([e[label]['right'] for e in es]):.3f} | "
-                                 f"{np.mean([e[label]['wrong'] for e in es]):.3f} | {auc} |")
+                    cells = [np.nanmean([e[label].get(k, np.nan) for e in es]) for k in ("right", "right, carry",
+                                                                                          "wrong")]
+                    lines.append(f"| {arm} | {label} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {auc} |")
     lines += ["", "Per seed (test exact match):", "", "| arm | seed | exact match | MC acc | kept | s | commit |",
               "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["arm"], r["seed"])):
@@ -498,9 +507,13 @@ def carries(meta: dict) -> np.ndarray | None:
     path = Path(meta.get("data_dir", "")) / "tasks" / "test.jsonl"
     if not path.is_file():
         return None
-    pairs = [re.search(r"What is (\d+) \+ (\d+)\?", json.loads(x)["text"]).groups()
-             for x in path.read_text().splitlines()]
-    return np.array([int(a) % 10 + int(b) % 10 >= 10 for a, b in pairs])
+    return np.array([units_carry(json.loads(x)["text"]) for x in path.read_text().splitlines()])
+
+
+def units_carry(text: str) -> bool:
+    """Does the problem in `text` ("What is A + B?") carry when its units digits are added?"""
+    a, b = re.search(r"What is (\d+) \+ (\d+)\?", text).groups()
+    return int(a) % 10 + int(b) % 10 >= 10
 
 
 def dev_choice(dev: dict) -> str:

@@ -79,6 +79,11 @@ def test_the_arithmetic_experiment_end_to_end_on_the_tiny_model(tmp_path):
     oracle = rows["oracle"]["tokens_trained"]
     assert oracle["false digits"] == oracle["wrong-sum digits that match the truth"] == oracle["random words"] == 0.0
     assert oracle["right-sum digits"] == oracle["other clean tokens"] == 1.0
+    assert oracle["right-sum digits, carry"] == oracle["right-sum digits, no carry"] == 1.0
+    fixed = rows["fixed (influence)"]["tokens_trained"]   # the right-sum digits are the carry and no-carry ones
+    lo, hi = sorted((fixed["right-sum digits, carry"], fixed["right-sum digits, no carry"]))
+    assert lo <= fixed["right-sum digits"] <= hi and lo < hi
+    assert 0 < rows["fixed (influence)"]["evidence"]["score"]["right, carry"] < 100
     assert rows["random at xtf's ratio"]["kept_ratio"] == pytest.approx(rows["xtf"]["kept_ratio"], abs=0.01)
     for r in rows.values():
         assert [d["doc_id"] for d in r["test"]["documents"]["arith_em_test"]] == list(range(10))
