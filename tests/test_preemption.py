@@ -123,7 +123,7 @@ def test_fit_resumes_after_a_crash_with_the_same_weights(tiny_lm, accelerator, t
         with monkeypatch.context() as m, pytest.raises(Crash):
             m.setattr("tokenclean.train.os", CrashOnPublish(kill))
             train_once(tiny_lm, accelerator, tmp_path, online=online, micro=micro)
-        assert (tmp_path / f".step_{kill:06d}.tmp" / "trainer.pt").is_file()   # written, never published
+        assert (tmp_path / f".step_{kill:06d}.tmp" / "trainer.json").is_file()   # written, never published
     saved = sorted(p.name for p in tmp_path.glob("step_*"))
     assert saved == [f"step_{s:06d}" for s in range(EVERY, last + 1, EVERY)][-2:], (kill, SEED, saved)
     steps_run = []

@@ -24,7 +24,11 @@ from tokenclean.rundir import check_checksums, on_main, write_checksums
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# weights in pickle files: loading them can run any code the file carries, so they are refused, never read
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "*.bin", "*.pt", "*.pth", "*.ckpt")
+CONVERT = ("python -c \"from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "
+           "M.from_pretrained('{src}').save_pretrained('{dst}'); T.from_pretrained('{src}').save_pretrained('{dst}')\"")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
@@ -47,8 +51,15 @@ def check_model_dir(path: str, name: str | None = None) -> str:
         fail(f"{p / 'config.json'} is unreadable ({e})")
     if not isinstance(config, dict):
         fail(f"{p / 'config.json'} is not a JSON object")
+    check_no_custom_code(config, p, name)
     index = next((p / w for w in WEIGHTS if (p / w).exists()), None)
     if index is None:
+        pickled = next((f for pattern in PICKLE_WEIGHTS for f in sorted(p.glob(pattern))), None)
+        if pickled is not None:
+            raise ConfigError(
+                f"model.name_or_path={name!r}: {pickled} holds pickle weights, which tokenclean never loads (unpickling "
+                f"can run code); convert it once, on a machine you trust, to safetensors: "
+                f"{CONVERT.format(src=p, dst=f'{p}-safetensors')} and use model.name_or_path={p}-safetensors")
         fail(f"no weights in {p} (looked for {', '.join(WEIGHTS)})")
     shards = [index]
     if index.name.endswith(".index.json"):
@@ -64,6 +75,21 @@ def check_model_dir(path: str, name: str | None = None) -> str:
         fail(f"no tokenizer in {p} (looked for {', '.join(TOKENIZER_FILES)})")
     check_checksums(p)
     return str(path)
+
+
+def check_no_custom_code(config: dict, path: Path, name: str) -> None:
+    """A config.json naming custom code (`auto_map`) is loaded with transformers' own class for its model_type and
+    the custom code is never imported (trust_remote_code stays off); with a model_type transformers does not know,
+    there is nothing safe to load it with: ConfigError."""
+    if not config.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+    if config.get("model_type") not in CONFIG_MAPPING:
+        raise ConfigError(f"model.name_or_path={name!r}: {path / 'config.json'} needs custom code (auto_map: "
+                          f"{', '.join(sorted(config['auto_map']))}; model_type {config.get('model_type')!r} is not one "
+                          f"transformers knows), which tokenclean never runs; use a model transformers supports")
+    log.info("%s names custom code (auto_map); it is not run: transformers' own %s classes load it", path,
+             config["model_type"])
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -97,7 +123,7 @@ def load_tokenizer(path: str):
     """The tokenizer at `path`; ConfigError when it cannot be loaded or has no token to pad with."""
     from transformers import AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001  transformers raises many kinds; all mean the same here
         raise ConfigError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {' '.join(str(e).split())}") \
             from None
@@ -117,7 +143,7 @@ def load_model(path: str, mcfg: ModelConfig, seed: int, adapter: str | None = No
     check_checksums(Path(path))
     if adapter:
         check_checksums(Path(adapter).parent)   # the adapter is kept inside the checkpoint it was merged into
-    kwargs = {"dtype": getattr(torch, mcfg.dtype)}
+    kwargs = {"dtype": getattr(torch, mcfg.dtype), "use_safetensors": True, "trust_remote_code": False}
     if mcfg.attn_implementation:
         kwargs["attn_implementation"] = mcfg.attn_implementation
     lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -126,6 +152,9 @@ def load_model(path: str, mcfg: ModelConfig, seed: int, adapter: str | None = No
         from peft import PeftModel, get_peft_model
         torch.manual_seed(seed)  # LoRA's A matrices are random: the same seed gives the same adapter
         if adapter:
+            if not (Path(adapter) / "adapter_model.safetensors").is_file():   # peft would fall back to a pickle
+                raise ConfigError(f"{adapter}: no adapter_model.safetensors (tokenclean loads adapters from "
+                                  f"safetensors only); delete the checkpoint that holds it and rerun the stage")
             lm = PeftModel.from_pretrained(lm, adapter, is_trainable=True)
         else:
             lm = get_peft_model(lm, peft_config(mcfg))
@@ -158,7 +187,8 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir: str | os.PathLike, s
                 # merge on a CPU copy: under ZeRO-3 the live modules hold only shards
                 from peft import get_peft_model
                 with not_sharded(accelerator):
-                    lm = AutoModelForCausalLM.from_pretrained(start_dir, dtype=getattr(torch, mcfg.dtype))
+                    lm = AutoModelForCausalLM.from_pretrained(start_dir, dtype=getattr(torch, mcfg.dtype),
+                                                              use_safetensors=True, trust_remote_code=False)
                     lm = get_peft_model(lm, peft_config(mcfg))
                 missing, unexpected = lm.load_state_dict(lm_state, strict=False)
                 assert not unexpected and not [k for k in missing if "lora_" in k], (missing, unexpected)

@@ -36,6 +36,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 from accelerate.utils import DistributedType
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -44,6 +45,7 @@ from tokenclean.dist import batch_or_placeholder
 from tokenclean.io import fsync_tree
 from tokenclean.losses import TokenLoss, collate
 from tokenclean.ragged import Ragged
+from tokenclean.state_files import load_tree, save_tree
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,15 @@ class OnlineHook(Protocol):
 
     def finish(self, accelerator) -> None:
         """After the last step: share what every rank decided."""
+
+    def shared_state(self) -> dict:
+        """What a resume state keeps of the decisions so far (the same on every rank)."""
+
+    def rank_state(self) -> dict:
+        """What a resume state keeps of this rank's own, not yet shared, decisions."""
+
+    def load_state(self, state: dict) -> None:
+        """Continue from shared_state() | rank_state() as saved."""
 
 
 def normaliser(n_kept) -> float:
@@ -150,8 +161,6 @@ def prepare(accelerator, lm: torch.nn.Module, n_examples: int, cfg: TrainingConf
 
 # -- resumable state -------------------------------------------------------------------------------------------------
 PREEMPTED_EXIT = 75   # EX_TEMPFAIL (sysexits.h): stopped on request with the state saved; rerun the same command
-ONLINE_SHARED = ("scores", "keep", "kept_times", "prepasses", "trained", "_step_i")   # OnlineSelector's decisions
-ONLINE_PER_RANK = ("_events",)   # micro scope on several ranks: each rank's own, shared only at the end
 
 
 class Preempted(SystemExit):
@@ -189,15 +198,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _save(obj, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def _load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False)   # our own files: numpy/python RNG states
-
-
 def _trainable(accelerator, p: Prepared) -> dict:
     return {n: t for n, t in accelerator.unwrap_model(p.model).named_parameters() if t.requires_grad}
 
@@ -214,18 +214,18 @@ def save_state(accelerator, p: Prepared, ck: Checkpoints, step: int, stats: dict
         shutil.rmtree(tmp, ignore_errors=True)   # left by a process killed while saving
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if p.is_deepspeed:   # collective: every rank writes its shards of the weights and optimiser
+    if p.is_deepspeed:   # collective: every rank writes its shards of the weights and optimiser (DeepSpeed's own
+        # format, torch.save files that DeepSpeed itself loads back; everything else here is JSON + safetensors)
         p.model.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
     elif main:           # every rank holds the same weights and optimiser state
-        _save({n: t.detach().cpu() for n, t in _trainable(accelerator, p).items()}, tmp / "model.pt")
-        _save(p.optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file({n: t.detach().cpu().contiguous() for n, t in _trainable(accelerator, p).items()},
+                  str(tmp / "model.safetensors"))
+        save_tree(p.optimizer.state_dict(), tmp / "optimizer")
     if main:
-        _save({"step": step, "n_steps": len(p.steps), "world": accelerator.num_processes, "stats": stats,
-               "scheduler": p.scheduler.state_dict(), "extra": ck.extra(),
-               "online": {k: getattr(online, k) for k in ONLINE_SHARED} if online is not None else None},
-              tmp / "trainer.pt")
-    _save({"rng": rng, "online": {k: getattr(online, k) for k in ONLINE_PER_RANK} if online is not None else None},
-          tmp / f"rank_{rank}.pt")
+        save_tree({"step": step, "n_steps": len(p.steps), "world": accelerator.num_processes, "stats": stats,
+                   "scheduler": p.scheduler.state_dict(), "extra": ck.extra(),
+                   "online": online.shared_state() if online is not None else None}, tmp / "trainer")
+    save_tree({"rng": rng, "online": online.rank_state() if online is not None else None}, tmp / f"rank_{rank}")
     fsync_tree(tmp)
     accelerator.wait_for_everyone()
     if main:
@@ -250,7 +250,7 @@ def load_state(accelerator, p: Prepared, ck: Checkpoints, online=None) -> tuple[
     if not saved:
         return 0, None
     path = saved[-1]
-    trainer = _load(path / "trainer.pt")
+    trainer = load_tree(path / "trainer")
     if trainer["world"] != accelerator.num_processes or trainer["n_steps"] != len(p.steps):
         if accelerator.is_main_process:
             log.warning("%s was saved by %d processes (plan of %d steps); this run has %d (%d steps): starting the "
@@ -261,20 +261,19 @@ def load_state(accelerator, p: Prepared, ck: Checkpoints, online=None) -> tuple[
         p.model.load_checkpoint(str(path), tag="deepspeed", load_lr_scheduler_states=False,
                                 load_module_strict=not any(not t.requires_grad for t in p.model.parameters()))
     else:
-        weights = _load(path / "model.pt")
+        weights = load_file(str(path / "model.safetensors"))
         params = _trainable(accelerator, p)
         assert weights.keys() == params.keys(), f"{path}: other trainable parameters than this model's"
         with torch.no_grad():
             for n, t in params.items():
                 t.copy_(weights[n])
-        p.optimizer.load_state_dict(_load(path / "optimizer.pt"))
+        p.optimizer.load_state_dict(load_tree(path / "optimizer"))
     p.scheduler.load_state_dict(trainer["scheduler"])
     for group, lr in zip(p.scheduler.optimizer.param_groups, p.scheduler.get_last_lr()):
         group["lr"] = lr
-    mine = _load(path / f"rank_{accelerator.process_index}.pt")
+    mine = load_tree(path / f"rank_{accelerator.process_index}")
     if online is not None:
-        for k, v in {**trainer["online"], **mine["online"]}.items():
-            setattr(online, k, v)
+        online.load_state({**trainer["online"], **mine["online"]})
     set_rng_state(mine["rng"])   # last: nothing above may draw from the restored streams
     if accelerator.is_main_process:
         log.info("resuming %s after step %d of %d (%s)", ck.dir.name.removesuffix(".state"), trainer["step"],

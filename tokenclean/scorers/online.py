@@ -195,6 +195,19 @@ class OnlineSelector:
             self._record(pos, s, keep)
         self._events = []
 
+    # -- resume state (train.save_state) ------------------------------------------------------------------------
+    def shared_state(self) -> dict:
+        return {"scores": self.scores, "keep": self.keep, "kept_times": self.kept_times, "prepasses": self.prepasses,
+                "trained": self.trained, "step_i": self._step_i}
+
+    def rank_state(self) -> dict:
+        return {"events": self._events}
+
+    def load_state(self, state: dict) -> None:
+        self.scores, self.keep, self.kept_times = state["scores"], state["keep"], state["kept_times"]
+        self.prepasses, self.trained, self._step_i = state["prepasses"], state["trained"], state["step_i"]
+        self._events = [tuple(e) for e in state["events"]]
+
     # -- results ----------------------------------------------------------------------------------------------------
     def scores_ragged(self) -> Ragged:
         return self.target.like(self.scores.copy())
