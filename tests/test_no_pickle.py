@@ -117,7 +117,8 @@ def test_pickle_weights_are_refused_before_anything_reads_them(model, tmp_path):
     assert len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith(f"tokenclean: error: model.name_or_path='{model}': {model}/pytorch_model.bin holds "
                                "pickle weights, which tokenclean never loads")
-    assert f"save_pretrained('{model}-safetensors')" in lines[0] and f"model.name_or_path={model}-safetensors" in lines[0]
+    assert f"save_pretrained('{model}-safetensors')" in lines[0]
+    assert f"model.name_or_path={model}-safetensors" in lines[0]
     assert not (tmp_path / "run" / "manifest.json").exists()
 
 

@@ -89,7 +89,8 @@ def evaluate(model_dir, tasks, *, limit=None, num_fewshot=None, batch_size=8, de
 
     with _quiet():
         out = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": str(model_dir), "dtype": dtype, "trust_remote_code": False}, tasks=tasks,
+            model="hf", model_args={"pretrained": str(model_dir), "dtype": dtype, "trust_remote_code": False},
+            tasks=tasks,
             num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,
             log_samples=documents, bootstrap_iters=0,  # acc's stderr is analytic; bootstrap is for other metrics
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

@@ -57,8 +57,8 @@ def check_model_dir(path: str, name: str | None = None) -> str:
         pickled = next((f for pattern in PICKLE_WEIGHTS for f in sorted(p.glob(pattern))), None)
         if pickled is not None:
             raise ConfigError(
-                f"model.name_or_path={name!r}: {pickled} holds pickle weights, which tokenclean never loads (unpickling "
-                f"can run code); convert it once, on a machine you trust, to safetensors: "
+                f"model.name_or_path={name!r}: {pickled} holds pickle weights, which tokenclean never loads "
+                f"(unpickling can run code); convert it once, on a machine you trust, to safetensors: "
                 f"{CONVERT.format(src=p, dst=f'{p}-safetensors')} and use model.name_or_path={p}-safetensors")
         fail(f"no weights in {p} (looked for {', '.join(WEIGHTS)})")
     shards = [index]
@@ -86,8 +86,8 @@ def check_no_custom_code(config: dict, path: Path, name: str) -> None:
     from transformers import CONFIG_MAPPING
     if config.get("model_type") not in CONFIG_MAPPING:
         raise ConfigError(f"model.name_or_path={name!r}: {path / 'config.json'} needs custom code (auto_map: "
-                          f"{', '.join(sorted(config['auto_map']))}; model_type {config.get('model_type')!r} is not one "
-                          f"transformers knows), which tokenclean never runs; use a model transformers supports")
+                          f"{', '.join(sorted(config['auto_map']))}; model_type {config.get('model_type')!r} is "
+                          f"not one transformers knows), which tokenclean never runs; use a model transformers supports")
     log.info("%s names custom code (auto_map); it is not run: transformers' own %s classes load it", path,
              config["model_type"])
 
