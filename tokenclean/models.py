@@ -87,7 +87,8 @@ def check_no_custom_code(config: dict, path: Path, name: str) -> None:
     if config.get("model_type") not in CONFIG_MAPPING:
         raise ConfigError(f"model.name_or_path={name!r}: {path / 'config.json'} needs custom code (auto_map: "
                           f"{', '.join(sorted(config['auto_map']))}; model_type {config.get('model_type')!r} is "
-                          f"not one transformers knows), which tokenclean never runs; use a model transformers supports")
+                          f"not one transformers knows), which tokenclean never runs; use a model transformers "
+                          "supports")
     log.info("%s names custom code (auto_map); it is not run: transformers' own %s classes load it", path,
              config["model_type"])
 
