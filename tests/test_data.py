@@ -480,13 +480,14 @@ def _varied_records(n=60):
 def _reference(records, tok, max_length, template="auto"):
     """The obvious way, one record at a time: render, tokenize, mark the tokens overlapping a target span, add bos,
     cut at max_length, drop the examples left without a target."""
-    from tokenclean.data import Examples, _render_plain, bos_to_add, render_chat, resolve_template
+    from tokenclean.data import Examples, bos_to_add, render_chat, resolve_template
+    from tokenclean.data.templates import render_plain_spans
     from tokenclean.ragged import Ragged
     chat, bos = resolve_template(tok, template), bos_to_add(tok)
     ids_l, tgt_l, kept, n_cut, n_cut_targets = [], [], [], 0, 0
     for i, r in enumerate(records):
         if chat is None:
-            text, spans = _render_plain(r["messages"], tok.eos_token)
+            text, spans = render_plain_spans(r["messages"], tok.eos_token)
         else:
             (text,), (spans,) = render_chat([r], tok, chat)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -518,8 +519,8 @@ def test_streamed_tokenize_matches_a_simple_reference(request, tmp_path, monkeyp
     tok = request.getfixturevalue(tok_name)
     records = _varied_records()
     src = _write(tmp_path / "v.jsonl", records, "jsonl")
-    monkeypatch.setattr(data, "CHUNK", 7)              # many chunks, and Arrow batches, with records across them
-    monkeypatch.setattr(data, "TOKENIZER_CHARS", 300)  # several tokenizer calls per chunk
+    monkeypatch.setattr(data.records, "CHUNK", 7)             # many chunks, and Arrow batches, with records across them
+    monkeypatch.setattr(data.tokens, "TOKENIZER_CHARS", 300)  # several tokenizer calls per chunk
     conversations, _ = data.read_conversations(src)
     assert len(conversations) == len(records) and list(conversations) == records
     want = _reference(records, tok, 48, template)
@@ -531,7 +532,7 @@ def test_streamed_tokenize_matches_a_simple_reference(request, tmp_path, monkeyp
 
 def test_conversations_index_like_the_record_list(tmp_path, monkeypatch):
     import tokenclean.data as data
-    monkeypatch.setattr(data, "CHUNK", 2)
+    monkeypatch.setattr(data.records, "CHUNK", 2)
     records = _varied_records(9)
     conv, _ = data.read_conversations(_write(tmp_path / "v.parquet", records, "parquet"))
     assert len(conv) == 9 and list(conv) == records == data.read_records(str(tmp_path / "v.parquet"))[0]
@@ -546,7 +547,7 @@ def test_conversations_index_like_the_record_list(tmp_path, monkeypatch):
 def test_streamed_errors_name_the_record_across_batches(tmp_path, monkeypatch, kind, where):
     """Reading in batches of 2 records: the 6th record's error still names it; skip and limit count across batches."""
     import tokenclean.data as data
-    monkeypatch.setattr(data, "CHUNK", 2)
+    monkeypatch.setattr(data.records, "CHUNK", 2)
     recs = [{"prompt": f"p{i}", "completion": "c" if i != 5 else ""} for i in range(9)]
     src = _write(tmp_path / f"d{SUFFIX[kind]}", recs, kind)
     with pytest.raises(DataError) as e:
@@ -590,8 +591,8 @@ def test_memory_grows_with_the_token_arrays_only(plain, tmp_path, monkeypatch):
     import tracemalloc
 
     import tokenclean.data as data
-    monkeypatch.setattr(data, "CHUNK", 256)
-    monkeypatch.setattr(data, "TOKENIZER_CHARS", 1 << 14)
+    monkeypatch.setattr(data.records, "CHUNK", 256)
+    monkeypatch.setattr(data.tokens, "TOKENIZER_CHARS", 1 << 14)
     rng = np.random.default_rng(0)
     words = " ".join(CORPUS[:5]).split()
     path = tmp_path / "big.jsonl"

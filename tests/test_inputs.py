@@ -93,7 +93,7 @@ def test_a_tokenizer_without_pad_or_eos_is_refused(model):
 
 
 def test_a_data_folder_without_a_dataset_is_named(tmp_path):
-    """read_records (tokenclean/data.py) runs before any model loads; its DataError is one line from the CLI."""
+    """read_records (tokenclean/data/records.py) runs before any model loads; its DataError is one line from the CLI."""
     from tokenclean.data import DataError, read_records
     folder = tmp_path / "data"
     folder.mkdir()
