@@ -265,6 +265,32 @@ def on_main(accelerator, fn):
     return result
 
 
+def config_changes(saved: Path, now: dict, most: int = 6) -> str:
+    """': key: OLD in the run, NEW now; ...' for the result-affecting keys that differ between the run's saved
+    config.yaml and `now` (empty when the file is unreadable: the refusal still names the file)."""
+    import yaml
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if key.split(".")[0] in CONFIG_KEYS_NOT_AFFECTING_RESULTS:
+                continue
+            out.update(flat(v, f"{key}.") if isinstance(v, dict) else {key: v})
+        return out
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        return ""
+    if not isinstance(old, dict):
+        return ""
+    a, b = flat(old), flat(now)
+    diff = [f"{k}: {a.get(k, '(unset)')} in the run, {b.get(k, '(unset)')} now" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+    more = f"; and {len(diff) - most} more" if len(diff) > most else ""
+    return f" ({'; '.join(diff[:most])}{more})" if diff else ""
+
+
 # -- the run directory -------------------------------------------------------------------------------------------
 class Stage:
     """What a running stage records: `info` goes into its manifest entry, with its wall time in `seconds`."""
@@ -351,8 +377,9 @@ class RunDir:
             old = read_manifest(self.manifest_path)
             if old.get("config_fingerprint") != config_fp or old.get("data_fingerprint") != data_fp:
                 what = "config" if old.get("config_fingerprint") != config_fp else "data"
+                changed = config_changes(self.path / "config.yaml", config_dict) if what == "config" else ""
                 raise RunDirError(
-                    f"{self.path} holds a run made with a different {what}. Resume it with its own config "
+                    f"{self.path} holds a run made with a different {what}{changed}. Resume it with its own config "
                     f"({self.path / 'config.yaml'}), pick another directory (name=...), or start over there "
                     "with resume=false.")
             self._check_files(old)
