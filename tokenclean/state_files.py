@@ -29,7 +29,10 @@ def save_tree(value, stem: Path) -> None:
             return v
         if isinstance(v, torch.Tensor):
             name = f"t{len(tensors)}"
-            tensors[name] = v.detach().cpu().contiguous().clone()
+            v = v.detach().cpu().contiguous()
+            # safetensors refuses a view of a larger storage; copying every tensor would double a large optimiser
+            # state in host memory, so only views are copied
+            tensors[name] = v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
             return {"tensor": name}
         if isinstance(v, np.ndarray):
             if v.dtype not in AS_IS and v.dtype.kind not in "ui":
