@@ -201,6 +201,25 @@ def test_a_second_run_on_a_live_directory_refuses_naming_the_holder(chain):
     assert json.loads(out["lock_while_held"])["pid"] == out["holder"]     # the refused run left the lock alone
 
 
+def test_the_lock_is_taken_before_any_data_is_read_or_model_resolved(tmp_path):
+    """A pool of 200k records whose last line is malformed: a run that read the pool first would fail on that
+    record; this one is refused on the lock alone (the config is validated first, as it must be). The time the
+    refusal takes, beside the time reading such a pool takes, is in results/reliability.md."""
+    pool = tmp_path / "pool.jsonl"
+    line = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    pool.write_text((line + "\n") * 200_000 + "{not json\n")
+    run_dir = tmp_path / "run"
+    holder = hold_lock(run_dir)
+    try:
+        proc = run_cli(["model=tiny", "tracking=none", "data=file", f"data.train={pool}", "data.warmup_fraction=0.2",
+                        "cache=false"], run_dir, check=False)
+    finally:
+        kill(holder)
+    line = one_line_error(proc, 2)
+    assert line.startswith(f"tokenclean: error: {run_dir} is in use by another run (pid {holder.pid} "), line
+    assert "data:" not in proc.stderr and "tokenize" not in proc.stderr
+
+
 def test_a_dead_holders_lock_is_taken_over_and_ctrl_c_says_how_to_resume(chain):
     run_dir, out = chain
     assert f"taking over the lock of a dead run (pid {out['holder']} " in out["interrupted"].stderr

@@ -11,8 +11,9 @@ listed there is never redone, a stage not listed is redone from its start, repla
             ...                       # write the stage's files
             st.info["steps"] = 12     # recorded in the manifest with the stage's wall time
 
-One run per directory: rank 0 holds `<run>/.lock` (host, pid, start time) while the run lives; a second run on the
-directory refuses at once, naming the holder. A lock whose holder is dead is taken over: on the same host when its
+One run per directory: rank 0 holds `<run>/.lock` (host, pid, start time) while the run lives, taken first of all
+(lock_early: before any data is read or model resolved); a second run on the directory refuses at once, naming the
+holder. A lock whose holder is dead is taken over: on the same host when its
 pid is gone (or belongs to a newer process), from another host (a shared filesystem) when the holder has not
 refreshed the file's mtime for LOCK_STALE_S (it does so every LOCK_HEARTBEAT_S from a thread; the hosts' clocks
 must agree to within minutes).
@@ -218,16 +219,31 @@ class RunLock:
 
 
 _held: dict[Path, RunLock | None] = {}   # run directories this process's run holds (None: held by its rank 0)
+_early: dict[Path, RunLock] = {}         # taken by lock_early, not yet announced to the other ranks by lock_run
+
+
+def lock_early(path: str | os.PathLike) -> None:
+    """Rank 0 of the launch (RANK in the environment, as accelerate launch, torchrun and dist.slurm_to_torch_env set
+    it; absent: one process) takes the run directory's lock before the job reads any data, resolves any model or
+    starts a process group: a second run is refused at once, whatever the size of its pool. If it is refused, rank 0
+    exits and the launcher ends the other ranks (they wait for it at the process group's start)."""
+    path = Path(path).absolute()
+    if int(os.environ.get("RANK", 0)) == 0 and path not in _held and path not in _early:
+        path.mkdir(parents=True, exist_ok=True)
+        _early[path] = RunLock.acquire(path)
 
 
 def lock_run(path: str | os.PathLike, accelerator) -> None:
-    """Rank 0 takes the run directory's lock (a no-op when this run holds it already); every rank learns whether it
-    did, so a refusal ends every rank at once. Every rank must call it (a collective when there are several)."""
+    """Rank 0 takes the run directory's lock (or keeps the one lock_early took; a no-op when this run holds it
+    already); every rank learns whether it did, so a refusal ends every rank at once. Every rank must call it (a
+    collective when there are several)."""
     path = Path(path).absolute()
     if path in _held:
         return
 
     def take():
+        if path in _early:
+            return _early.pop(path)
         path.mkdir(parents=True, exist_ok=True)
         return RunLock.acquire(path)
     _held[path] = on_main(accelerator, take)
@@ -236,10 +252,11 @@ def lock_run(path: str | os.PathLike, accelerator) -> None:
 def end_run() -> None:
     """This process's run is over: release its lock (now, not at exit: a Hydra sweep runs its jobs one after the
     other in one process) and forget it."""
-    for lock in _held.values():
+    for lock in [*_held.values(), *_early.values()]:
         if lock is not None:
             lock.release()
     _held.clear()
+    _early.clear()
     RunDir.active = None
 
 
@@ -373,19 +390,24 @@ class RunDir:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         config_fp = io.fingerprint(json.dumps({k: v for k, v in config_dict.items()
                                             if k not in CONFIG_KEYS_NOT_AFFECTING_RESULTS}, sort_keys=True))
-        if self.manifest_path.exists() and resume:
-            old = read_manifest(self.manifest_path)
-            if old.get("config_fingerprint") != config_fp or old.get("data_fingerprint") != data_fp:
+        old = read_manifest(self.manifest_path) if self.manifest_path.exists() and resume else None
+        if old is not None and (old.get("config_fingerprint") != config_fp
+                                           or old.get("data_fingerprint") != data_fp):
+            if not old["stages"] and not any(self.path.glob("*.state")):   # nothing done, nothing half-done
+                log.info("%s: no stage of its run completed; starting it afresh with this config", self.path)
+                old = None
+            else:
                 what = "config" if old.get("config_fingerprint") != config_fp else "data"
                 changed = config_changes(self.path / "config.yaml", config_dict) if what == "config" else ""
                 raise RunDirError(
                     f"{self.path} holds a run made with a different {what}{changed}. Resume it with its own config "
                     f"({self.path / 'config.yaml'}), pick another directory (name=...), or start over there "
                     "with resume=false.")
+        if old is not None:
             self._check_files(old)
             log.info("resuming %s: completed stages %s", self.path, ", ".join(old["stages"]) or "none")
         else:
-            if self.manifest_path.exists():
+            if self.manifest_path.exists() and not resume:
                 log.warning("resume=false: clearing %s", self.path)
                 for p in self.path.iterdir():
                     if p.name != LOCK:

@@ -27,13 +27,13 @@ from tokenclean.assets import cache_root, resolve_model
 from tokenclean.cache import ScoreCache
 from tokenclean.config import BASELINES, Config, ConfigError, FirstReference, Method, PipelineName
 from tokenclean.data import Examples, read_conversations, split_indices, tokenize, tokenizer_fingerprint
-from tokenclean.dist import gather, make_accelerator, not_sharded
+from tokenclean.dist import gather, make_accelerator, not_sharded, slurm_to_torch_env
 from tokenclean.io import atomic_write_text, fingerprint
 from tokenclean.losses import TokenLoss, token_losses
 from tokenclean.models import load_model, load_tokenizer, model_fingerprint, save_checkpoint
 from tokenclean.ragged import Ragged
 from tokenclean.report import write_cleaned, write_html
-from tokenclean.rundir import RunDir
+from tokenclean.rundir import RunDir, lock_early
 from tokenclean.scorers.online import OnlineSelector
 from tokenclean.tracking import Tracker
 from tokenclean.train import Checkpoints, fit, prepare, remove_states
@@ -75,7 +75,6 @@ def read_data(cfg: Config) -> tuple[dict, int]:
     """Every record, read and validated before any model loads: {"train"|"warmup"|"eval": Conversations (compact,
     streamed from the file)}, skipped. The warm-up file is read only by an arm that trains on it."""
     d, records, skipped = cfg.data, {}, 0
-    check_warmup(cfg)
     sources = {"train": d.train, "warmup": d.warmup if uses_warmup(cfg) else None, "eval": d.eval}
     for split, source in sources.items():
         if source is not None:
@@ -131,6 +130,32 @@ def check_eval_tasks(cfg: Config) -> None:
             raise ConfigError(f"eval.tasks={list(cfg.eval.tasks)}: {e}") from None
 
 
+def selection_override(cfg: Config) -> str:
+    """The override that decides how many tokens a stage keeps, for messages."""
+    s = cfg.selection
+    if s.method not in BASELINES and scorers.get(cfg.scorer.name).own_rules:
+        return f"scorer={cfg.scorer.name} (its own rules)"
+    if s.method == Method.threshold:
+        return f"selection.threshold={s.threshold}"
+    return f"selection.keep_ratio={s.keep_ratio}"
+
+
+def check_keeps_some(cfg: Config, target: Ragged, where: str) -> None:
+    """Before anything trains: a count rule (global, random: floor(n x keep_ratio) of the n response tokens; sample:
+    the same per example) that would keep no token of `target` is refused. Rules whose count is known only once
+    scored (threshold, a scorer's own rules) are checked on the decision itself (Job.fit)."""
+    s = cfg.selection
+    if s.method not in (Method["global"], Method.sample, Method.random) or (
+            s.method not in BASELINES and scorers.get(cfg.scorer.name).own_rules):
+        return
+    n = target.row_sums() if s.method == Method.sample else target.row_sums().sum()
+    if int(selection.kept_count(n, s.keep_ratio).sum()) == 0:
+        per = " of any example (method=sample counts per example)" if s.method == Method.sample else ""
+        raise ConfigError(f"{selection_override(cfg)} keeps no token{per} of the {int(target.row_sums().sum()):,} "
+                          f"response tokens of {where}: nothing to train on. Keep more (a larger "
+                          "selection.keep_ratio), or give that stage more data")
+
+
 def stage_seed(seed: int, stage: str) -> int:
     """The seed of one stage's random choices (its step plan, a random selection): the run's seed and the stage's
     name, so stages never share a stream and a resumed stage draws what it drew before."""
@@ -141,6 +166,9 @@ class Job:
     def __init__(self, cfg: Config, run_dir: Path, config_dict: dict):
 
         self.cfg, self.scorer = cfg, scorers.get(cfg.scorer.name)
+        check_warmup(cfg)
+        slurm_to_torch_env()
+        lock_early(run_dir)   # first: a second run on this directory is refused before it reads a large pool
         check_eval_tasks(cfg)
         self.scored = cfg.selection.method not in BASELINES   # the baselines run no scorer
         records, skipped = read_data(cfg)
@@ -185,6 +213,8 @@ class Job:
         """Train a stage, resuming from its last saved state (<run>/<stage>.state/, train.Checkpoints) if an earlier
         run of it was stopped or killed; its saved states are removed once its training is done."""
         t, n_steps, start = self.cfg.training, len(prepared.steps), self.global_step
+        if online is None:
+            self.check_trainable(keep, examples, prepared.steps, stage)
 
         def on_step(step, metrics):
             self.global_step = start + step + 1   # from the step index: right in a stage resumed half-way too
@@ -201,6 +231,20 @@ class Job:
         last = round(float(stats["train_loss"][-1]), 5) if stats["train_loss"] else None
         return {"train_seconds": round(stats["seconds"], 2), "steps": stats["steps"], "final_train_loss": last,
                 "tokens_per_second": round(float(stats["tokens_per_second"]), 1)}
+
+    def check_trainable(self, keep: Ragged, examples: Examples, steps: list, stage: str) -> None:
+        """A stage's decision keeps something: none kept is refused (naming the override), steps that would see no
+        kept token are a warning with their count (they train on nothing: the optimiser steps on zero gradients)."""
+        per_example = keep.row_sums()
+        if per_example.sum() <= 0:
+            raise ConfigError(f"{selection_override(self.cfg)} keeps no token of the {examples.n_targets:,} response "
+                              f"tokens in stage {stage!r}: nothing to train on. Keep more, or choose another rule "
+                              "(selection.method)")
+        empty = sum(1 for step in steps if per_example[step].sum() <= 0)
+        if empty and self.acc.is_main_process:
+            log.warning("stage %s: %d of %d optimiser steps see no kept token (%s keeps %s of the stage's response "
+                        "tokens); those steps train on nothing", stage, empty, len(steps), selection_override(self.cfg),
+                        f"{per_example.sum():,.0f}")
 
     def save_model(self, prepared, rel: str, start_dir: str) -> None:
         """Write the stage's model as an HF checkpoint (LoRA merged), then free its model and optimiser."""
