@@ -2,9 +2,11 @@
 terminal through the real CLI as one line naming the override or file and the fix, exit code 2, no traceback."""
 import pytest
 
-from tests.cli import run_cli
+from tests.cli import load_array, run_cli, stages
 from tokenclean import assets, data, evaluation, rundir
-from tokenclean.config import ConfigError, UserError
+from tokenclean.config import ConfigError, TrainingConfig, UserError
+from tokenclean.pipelines.job import stage_seed
+from tokenclean.train import plan_steps
 
 TINY = ["model=tiny", "tracking=none"]
 CASES = {
@@ -16,6 +18,17 @@ CASES = {
     "every response cut off": ([*TINY, "data.limit=20", "data.max_length=3"], "data.max_length"),
     "a chat template that fails": ([*TINY, "data.limit=20",
                                     'data.template="{{ raise_exception(\\"no system role\\") }}"'], "template=plain"),
+    "a ratio that keeps no token": ([*TINY, "data.limit=20", "data.eval_size=4", "selection.keep_ratio=0.0001"],
+                                    "selection.keep_ratio=0.0001 keeps no token of the "),
+    "a per-example ratio that keeps none of any example": (
+        [*TINY, "data.limit=20", "data.eval_size=4", "selection.method=sample", "selection.keep_ratio=0.01"],
+        "selection.keep_ratio=0.01 keeps no token of any example"),
+    "a self-evolving round that keeps no token": (
+        [*TINY, "data.limit=30", "data.eval_size=4", "pipeline=self_evolving", "selection.keep_ratio=0.001"],
+        "response tokens of round 1's chunk"),
+    "a threshold no token passes": ([*TINY, "data.limit=20", "data.eval_size=4", "selection.method=threshold",
+                                     "selection.threshold=1e9", "training.max_steps=1"],
+                                    "selection.threshold=1000000000.0 keeps no token of the "),
     "an unknown built-in model": (["model.name_or_path=builtin:nope", "tracking=none"], "model.name_or_path"),
     "an unknown built-in data set": ([*TINY, "data.train=builtin:nope"], "data.train=builtin:nope"),
 }
@@ -51,3 +64,30 @@ def test_every_user_error_class_derives_from_one_base():
                 evaluation.EvalError, assets.MissingPackage):
         assert issubclass(cls, UserError)
     assert issubclass(assets.MissingPackage, ImportError)    # callers that caught ImportError still do
+
+
+def test_a_ratio_that_keeps_nothing_is_refused_before_anything_trains_and_a_larger_one_then_runs_there(tmp_path):
+    """Refused before the reference trains (no stage completed), so the same directory takes the corrected
+    override without resume=false: nothing done there is lost."""
+    args = [*TINY, "data.limit=40", "data.eval_size=4", "training.max_steps=1"]
+    proc = run_cli([*args, "selection.keep_ratio=0.0001"], tmp_path / "run", check=False)
+    assert proc.returncode == 2 and "keeps no token" in proc.stderr
+    assert stages(tmp_path / "run") == {}
+    proc = run_cli([*args, "selection.keep_ratio=0.5"], tmp_path / "run")
+    assert "no stage of its run completed; starting it afresh" in proc.stderr
+    assert list(stages(tmp_path / "run")) == ["base_losses", "reference", "select", "final"]
+
+
+def test_steps_that_see_no_kept_token_are_a_warning_with_their_count(tmp_path):
+    """A random 0.3% of the pool's response tokens: most optimiser steps see none. The count in the warning is the
+    one recomputed here from the stored mask and the stage's step plan."""
+    run_dir = tmp_path / "run"
+    proc = run_cli([*TINY, "data.limit=240", "data.eval_size=24", "selection=random", "selection.keep_ratio=0.003"],
+                   run_dir)
+    keep = load_array(run_dir / "keep")
+    per_example = keep.row_sums()
+    plan = plan_steps(len(per_example), TrainingConfig(), stage_seed(42, "final"))
+    empty = sum(1 for step in plan if per_example[step].sum() == 0)
+    assert 0 < empty < len(plan)
+    assert (f"stage final: {empty} of {len(plan)} optimiser steps see no kept token (selection.keep_ratio=0.003 "
+            f"keeps {per_example.sum()} of the stage's response tokens); those steps train on nothing") in proc.stderr

@@ -12,7 +12,7 @@ import dataclasses
 import time
 
 from tokenclean import selection
-from tokenclean.pipelines.job import Job
+from tokenclean.pipelines.job import Job, check_keeps_some
 
 BASE = "losses/base"
 REFERENCE = "losses/reference"   # the warm-up reference's losses on the pool (also self-evolving's first reference)
@@ -21,6 +21,7 @@ BOOKKEEPING = ("log_every", "save_every", "keep_checkpoints")
 
 
 def run(job: Job) -> tuple[dict, list]:
+    check_keeps_some(job.cfg, job.data.train.target, "the pool")   # before the reference trains
     job.evaluate_base_tasks()
     if job.scored and job.scorer.needs_reference and not job.run.done("reference"):
         train_reference(job)

@@ -27,7 +27,7 @@ from tokenclean.config import ConfigError, FirstReference, RoundLora, RoundSched
 from tokenclean.data import Examples
 from tokenclean.io import atomic_write_text
 from tokenclean.pipelines import fixed
-from tokenclean.pipelines.job import Job
+from tokenclean.pipelines.job import Job, check_keeps_some
 from tokenclean.train import plan_steps
 
 
@@ -36,6 +36,8 @@ def run(job: Job) -> tuple[dict, list]:
     chunks, indices = make_chunks(job)
     warm = job.cfg.pipeline.first_reference == FirstReference.warmup
     first = 1 if warm else 0      # the index of the first round that trains (round t trains chunks[t - first])
+    for t in range(max(first, 1), first + len(chunks)):   # the rounds that select (round 0 trains every token)
+        check_keeps_some(job.cfg, chunks[t - first].target, f"round {t}'s chunk")
     if warm and not job.run.done("reference"):
         fixed.train_reference(job)
     round_steps = [len(plan_steps(len(c), job.cfg.training, 0)) for c in chunks]

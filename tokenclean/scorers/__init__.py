@@ -55,6 +55,7 @@ class Scorer:
     uses_base: bool = True              # reads the base model's per-token losses (computed once per run)
     base_entropy: bool = False          # ... and the base's predictive entropy (computed in the same pass)
     online: bool = False                # ranks tokens per training batch (online.OnlineSelector), not once
+    own_rules: bool = False             # decides its tokens by rules of its own (XTF): selection.keep_ratio unused
     pipelines: tuple = ("fixed", "self_evolving")
     reasons: tuple = ()                 # (label, rel path of a bool array of the tokens it calls noise): the report
     score: Callable[[Signals], Scored] | None = None       # offline scorers

@@ -252,5 +252,5 @@ def validate(cfg) -> None:
           list(x.tr_noise_classes), f"classes are 0..{x.tr_classes - 1}")
 
 
-SCORER = Scorer("xtf", pipelines=("fixed",), score=score, validate=validate,
+SCORER = Scorer("xtf", pipelines=("fixed",), score=score, validate=validate, own_rules=True,
                 reasons=(("KN", "xtf/kn_noise"), ("RI", "xtf/ri_noise"), ("TR", "xtf/tr_noise")))
