@@ -615,3 +615,21 @@ def test_memory_grows_with_the_token_arrays_only(plain, tmp_path, monkeypatch):
     (p_small, a_small), (p_big, a_big) = measure(1_000), measure(4_000)
     assert a_big > 3 * a_small
     assert p_big - p_small < 3 * (a_big - a_small), (p_small, a_small, p_big, a_big)
+
+
+def test_the_records_fingerprint_follows_their_content_not_their_file(tmp_path):
+    from tokenclean.data import read_conversations
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5000)]   # more than one Arrow chunk
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parquet = tmp_path / "d.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    fp = read_conversations(str(jsonl))[0].fingerprint()
+    assert read_conversations(str(parquet))[0].fingerprint() == fp        # the same records, another format
+    assert read_conversations(str(jsonl), limit=4999)[0].fingerprint() != fp
+    for change in ({"prompt": "q4999", "completion": "a4998"},              # one character
+                   {"prompt": "q4999a", "completion": "4999"}):            # a character moved across messages
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in [*rows[:-1], change]))
+        assert read_conversations(str(jsonl))[0].fingerprint() != fp, change

@@ -69,3 +69,38 @@ def test_a_different_config_refuses_to_resume(tmp_path, uninterrupted):
     run_cli([*SELF_EVOLVING, "training.max_steps=2", "resume=false"], run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["round_2"]["steps"] == 2
+
+
+def test_a_changed_data_file_or_model_refuses_to_resume_naming_it_and_what_changed(tmp_path):
+    import shutil
+
+    from tokenclean.assets import resolve_model
+    model, pool = tmp_path / "model", tmp_path / "pool.jsonl"
+    shutil.copytree(resolve_model("builtin:tiny"), model)
+    records = [json.dumps({"prompt": f"question {i}?", "completion": f"answer number {i}."}) for i in range(40)]
+    pool.write_text("\n".join(records) + "\n")
+    args = ["tracking=none", f"model.name_or_path={model}", "data=file", f"data.train={pool}", "data.eval_size=8",
+            "data.max_length=32", "selection=random", "training.max_steps=1"]
+    run_dir = tmp_path / "run"
+    run_cli(args, run_dir)
+    expect = {   # the change -> what the refusal says changed
+        "\n".join(records + [records[0]]) + "\n": f"data.train ({pool}): 40 records in the run, 41 now",
+        "\n".join(records[:-1] + [records[-1].replace("39.", "3999.")]) + "\n":
+            f"data.train ({pool}): {pool.stat().st_size:,} bytes in the run, {pool.stat().st_size + 2:,} now",
+        "\n".join(records[:-1] + [records[-1].replace("39.", "93.")]) + "\n":
+            f"data.train ({pool}): its content changed since the run started (the same size and record count)",
+    }
+    original = pool.read_text()
+    for text, message in expect.items():
+        pool.write_text(text)
+        proc = run_cli(args, run_dir, check=False)
+        assert proc.returncode == 2 and f"holds a run made with different inputs ({message})" in proc.stderr, \
+            proc.stderr[-2000:]
+    pool.write_text(original)
+    config = (model / "config.json").read_text()
+    (model / "config.json").write_text(json.dumps({**json.loads(config), "rms_norm_eps": 1e-5}))
+    proc = run_cli(args, run_dir, check=False)
+    assert f"different inputs (model ({model}): its content changed since the run started)" in proc.stderr
+    (model / "config.json").write_text(config)
+    resumed = run_cli(args, run_dir)          # the inputs it was made with again: it resumes (nothing left to do)
+    assert "resuming" in resumed.stderr

@@ -308,6 +308,28 @@ def config_changes(saved: Path, now: dict, most: int = 6) -> str:
     return f" ({'; '.join(diff[:most])}{more})" if diff else ""
 
 
+def input_changes(old: dict, now: dict) -> list[str]:
+    """One phrase per input whose fingerprint differs between a run's manifest (`old`) and this run (`now`): its
+    name, its path and what changed (the path, the record count, the size, or the content alone)."""
+    out = []
+    for name, new in now.items():
+        was = old.get(name)
+        if was is None or was.get("fingerprint") == new.get("fingerprint"):
+            continue
+        if was.get("path") != new.get("path"):
+            out.append(f"{name}: {was.get('path')} in the run, {new.get('path')} now")
+            continue
+        where = f"{name} ({new.get('path')})"
+        for key in ("records", "bytes"):
+            if was.get(key) is not None and new.get(key) is not None and was[key] != new[key]:
+                out.append(f"{where}: {was[key]:,} {key} in the run, {new[key]:,} now")
+                break
+        else:
+            same = " (the same size and record count)" if "records" in new else ""
+            out.append(f"{where}: its content changed since the run started{same}")
+    return out
+
+
 # -- the run directory -------------------------------------------------------------------------------------------
 class Stage:
     """What a running stage records: `info` goes into its manifest entry, with its wall time in `seconds`."""
@@ -320,14 +342,16 @@ class RunDir:
     active: "RunDir | None" = None   # this process's run, for saying where it stopped (__main__)
 
     def __init__(self, path: Path, accelerator, config_dict: dict, data_fingerprint: str, resume: bool,
-                 verify_array):
+                 verify_array, inputs: dict | None = None):
         """verify_array(path): raises if the per-token array stored at `path` is incomplete or damaged (on resume,
-        every completed stage's arrays are checked before anything runs)."""
+        every completed stage's arrays are checked before anything runs). inputs: what the run reads besides its
+        config, {name: {"fingerprint": ..., "path": ..., and "records"/"bytes" for data files}}: part of the run's
+        identity, so a resume refused for a changed input names it and what changed (input_changes)."""
         self.path, self.acc, self.running, self.stopped_in = Path(path), accelerator, [], None
         self.verify_array = verify_array
         self.manifest_path = self.path / "manifest.json"
         lock_run(self.path, accelerator)
-        on_main(accelerator, lambda: self._open(config_dict, data_fingerprint, resume))
+        on_main(accelerator, lambda: self._open(config_dict, data_fingerprint, resume, inputs or {}))
         self.data = read_manifest(self.manifest_path)
         RunDir.active = self
 
@@ -383,7 +407,7 @@ class RunDir:
         return (self.path / f"{rel}.json").exists()
 
     # -- opening: a run directory belongs to one config and one dataset --------------------------------------------
-    def _open(self, config_dict: dict, data_fp: str, resume: bool) -> None:
+    def _open(self, config_dict: dict, data_fp: str, resume: bool, inputs: dict) -> None:
         """On rank 0, holding the lock: no other process writes here."""
         for p in list(self.path.rglob(".*.tmp*")):  # left by a killed run: never read, removed
             if io.STALE_TEMP.match(p.name):
@@ -391,18 +415,23 @@ class RunDir:
         config_fp = io.fingerprint(json.dumps({k: v for k, v in config_dict.items()
                                             if k not in CONFIG_KEYS_NOT_AFFECTING_RESULTS}, sort_keys=True))
         old = read_manifest(self.manifest_path) if self.manifest_path.exists() and resume else None
-        if old is not None and (old.get("config_fingerprint") != config_fp
-                                           or old.get("data_fingerprint") != data_fp):
-            if not old["stages"] and not any(self.path.glob("*.state")):   # nothing done, nothing half-done
+        if old is not None:
+            changes = input_changes(old.get("inputs", {}), inputs)
+            why = None
+            if old.get("config_fingerprint") != config_fp:
+                why = f"a different config{config_changes(self.path / 'config.yaml', config_dict)}"
+            elif changes:
+                why = f"different inputs ({'; '.join(changes)})"
+            elif old.get("data_fingerprint") != data_fp:
+                why = "different data (the tokenized pool, eval or warm-up set differ)"
+            if why and not old["stages"] and not any(self.path.glob("*.state")):   # nothing done, nothing half-done
                 log.info("%s: no stage of its run completed; starting it afresh with this config", self.path)
                 old = None
-            else:
-                what = "config" if old.get("config_fingerprint") != config_fp else "data"
-                changed = config_changes(self.path / "config.yaml", config_dict) if what == "config" else ""
+            elif why:
                 raise RunDirError(
-                    f"{self.path} holds a run made with a different {what}{changed}. Resume it with its own config "
-                    f"({self.path / 'config.yaml'}), pick another directory (name=...), or start over there "
-                    "with resume=false.")
+                    f"{self.path} holds a run made with {why}. Resume it with its own config "
+                    f"({self.path / 'config.yaml'}) and inputs, pick another directory (name=...), or start over "
+                    "there with resume=false.")
         if old is not None:
             self._check_files(old)
             log.info("resuming %s: completed stages %s", self.path, ", ".join(old["stages"]) or "none")
@@ -414,7 +443,7 @@ class RunDir:
                         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             run_id = io.fingerprint(str(self.path.resolve()), time.time())[:12]
             write_manifest(self.manifest_path, {"config_fingerprint": config_fp, "data_fingerprint": data_fp,
-                                                "run_id": run_id, "stages": {}})
+                                                "inputs": inputs, "run_id": run_id, "stages": {}})
         import yaml
         io.atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
 

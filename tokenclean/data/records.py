@@ -20,6 +20,7 @@ import numpy as np
 
 from tokenclean.data.errors import BadRecord, data_error, key_list, type_name
 from tokenclean.data.validate import ROLES, SHAPES, detect_shape, validator
+from tokenclean.io import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,17 @@ class Conversations:
             raise IndexError(f"record {i} of {len(self)}")
         i %= len(self)
         return self._records(i, i + 1)[0]
+
+    def fingerprint(self) -> str:
+        """The identity of the records' content (texts, roles, train flags, record boundaries): the same file read
+        with the same settings gives the same value; one changed character does not."""
+        parts = [self.roles, self.train, self.offsets]
+        for chunk in getattr(self.content, "chunks", [self.content]):   # a ChunkedArray, or one Array
+            _, offsets, data = chunk.buffers()
+            ends = np.frombuffer(offsets, np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
+            text = memoryview(data)[int(ends[0]):int(ends[-1])].tobytes() if data is not None else b""
+            parts += [np.diff(ends), text]
+        return fingerprint(*parts)
 
     def __iter__(self) -> Iterator[dict]:
         for lo in range(0, len(self), CHUNK):

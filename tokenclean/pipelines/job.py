@@ -84,6 +84,18 @@ def read_data(cfg: Config) -> tuple[dict, int]:
     return records, skipped
 
 
+def data_inputs(cfg: Config, records: dict) -> dict:
+    """Each data file the run read, for its run directory's identity: {"data.train"|...: path, size in bytes (of a
+    file; None for a folder or a built-in set), the records read and their fingerprint}."""
+    sources = {"train": cfg.data.train, "warmup": cfg.data.warmup, "eval": cfg.data.eval}
+    out = {}
+    for split, conversations in records.items():
+        path = Path(sources[split])
+        out[f"data.{split}"] = {"path": sources[split], "bytes": path.stat().st_size if path.is_file() else None,
+                                "records": len(conversations), "fingerprint": conversations.fingerprint()}
+    return out
+
+
 def tokenize_data(cfg: Config, records: dict, skipped: int, tokenizer) -> Data:
     """Tokenize, then hold out the eval set and (data.warmup_fraction / warmup_size) the warm-up set from the pool
     when they are not given as files. Which examples form the pool depends on `cfg.data` and the seed alone, never on
@@ -184,8 +196,11 @@ class Job:
         d = self.data
         data_fp = fingerprint(d.train.fingerprint(), d.eval.fingerprint() if d.eval else "",
                               d.warmup.fingerprint() if d.warmup else "")
+        inputs = {"model": {"path": str(self.base_dir), "fingerprint": self.base_fp},
+                  "tokenizer": {"path": str(self.base_dir), "fingerprint": self.tokenizer_fp},
+                  **data_inputs(cfg, records)}
         self.run = RunDir(run_dir, self.acc, config_dict, data_fp, cfg.resume,
-                          verify_array=lambda path: Ragged.verify(path, hashes=False))
+                          verify_array=lambda path: Ragged.verify(path, hashes=False), inputs=inputs)
         self.tracker = Tracker(self.run.path, cfg, config_dict, self.run.data["run_id"],
                                enabled=self.acc.is_main_process)
         self.global_step = self.run.data.get("global_step", 0)
