@@ -414,22 +414,25 @@ def write_report(state: dict, out: Path) -> None:
              f"Keep ratio {state['dev'].get('keep_ratio', 'default')} ({dev_choice(state['dev'])}).", "",
              "Test scores: mean ± std over seeds. 'vs full': the paired difference of exact match over the same "
              "problems and seeds, bootstrap 95% interval (documents and seeds resampled), and the smallest effect "
-             "this size detects (MDE, 80% power); 'wins' = difference > 2 se. 'gap closed' = (arm - full) / "
-             "(oracle - full) of exact match.", "",
-             "| arm | kept | exact match | MC acc | MC margin | vs full (EM) | 95% CI | MDE | wins | gap closed |"
-             " s/run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "this size detects (MDE, 80% power), over the seeds the arm and full share; 'wins' = difference > 2 se. "
+             "'gap closed' = (arm - full) / (oracle - full) of exact match, both over the seeds the three share.", "",
+             "| arm | seeds | kept | exact match | MC acc | MC margin | vs full (EM) | 95% CI | MDE | wins | gap closed |"
+             " s/run |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = state["base"]
-    lines.append("| base (no fine-tuning) | | " + " | ".join(
+    lines.append("| base (no fine-tuning) | | | " + " | ".join(
         f"{np.mean([d[f] for d in base['documents'][f'{t}_test']]):.3f}" for _, t, f in measures) + " | | | | | | |")
 
     def mean_over(arm_rows, t, f):
         return np.array([doc_scores(r["test"], t, f).mean() for r in arm_rows.values()])
 
-    gap = None
-    if full and oracle:
-        common = sorted(set(full) & set(oracle))
-        gap = float(np.mean([doc_scores(oracle[s]["test"], "arith_em", "exact_match").mean()
-                             - doc_scores(full[s]["test"], "arith_em", "exact_match").mean() for s in common]))
+    def gap_on(seeds):   # oracle - full, exact match, over these seeds (None without both)
+        common = sorted(set(seeds) & set(full) & set(oracle))
+        if not common:
+            return None
+        return float(np.mean([doc_scores(oracle[s]["test"], "arith_em", "exact_match").mean()
+                              - doc_scores(full[s]["test"], "arith_em", "exact_match").mean() for s in common]))
+
+    gap = gap_on(full)
     summary = {}
     for arm, arm_rows in by.items():
         cells = []
@@ -445,11 +448,11 @@ def write_report(state: dict, out: Path) -> None:
             summary[arm] = p
             vs, ci, mde = f"{p['diff']:+.3f}", f"{p['ci'][0]:+.3f} .. {p['ci'][1]:+.3f}", f"{p['mde']:.3f}"
             wins = "yes" if p["diff"] > 2 * p["se"] else ("worse" if p["diff"] < -2 * p["se"] else "no")
-            if gap:
-                closed = f"{p['diff'] / gap:.0%}"
+            if gap_on(seeds):
+                closed = f"{p['diff'] / gap_on(seeds):.0%}"
         kept = np.mean([r["kept_ratio"] for r in arm_rows.values()])
         secs = np.mean([r["seconds"] for r in arm_rows.values()])
-        lines.append(f"| {arm} | {kept:.3f} | " + " | ".join(cells) + f" | {vs} | {ci} | {mde} | {wins} | {closed} |"
+        lines.append(f"| {arm} | {len(arm_rows)} | {kept:.3f} | " + " | ".join(cells) + f" | {vs} | {ci} | {mde} | {wins} | {closed} |"
                      f" {secs:.0f} |")
     state["paired"] = summary
     if full and oracle:
