@@ -353,7 +353,8 @@ def run(args, command: str) -> dict:
             started = time.perf_counter()
             oracle = {"oracle": oracle_keep, "oracle (false digits only)": lambda job: oracle_keep(job, True)}
             summary = run_arm(name, cfg, cdict, run_dir, oracle.get(name))
-            row = {"arm": name, "seed": seed, "commit": code_commit(), "kept_ratio": summary["kept_ratio"],
+            row = {"arm": name, "seed": seed, "commit": code_commit(), "versions": package_versions(),
+                   "kept_ratio": summary["kept_ratio"],
                    "eval_loss_dev": summary.get("eval_loss_after"), "test": score(summary["checkpoint"]),
                    "seconds": round(time.perf_counter() - started, 1)}
             if name == "fixed (influence)":   # the reference itself: how well does it know the task?
@@ -369,6 +370,12 @@ def run(args, command: str) -> dict:
                 cleanup(run_dir)
     write_report(state, out)
     return state
+
+
+def package_versions() -> dict:
+    """The versions of the packages that decide the numbers: a rebuilt environment can move them as a commit can."""
+    from importlib.metadata import version
+    return {p: version(p) for p in ("torch", "transformers", "accelerate", "lm_eval", "gguf", "numpy")}
 
 
 def code_commit() -> str:
