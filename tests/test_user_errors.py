@@ -31,6 +31,15 @@ CASES = {
                                     "selection.threshold=1000000000.0 keeps no token of the "),
     "an unknown built-in model": (["model.name_or_path=builtin:nope", "tracking=none"], "model.name_or_path"),
     "an unknown built-in data set": ([*TINY, "data.train=builtin:nope"], "data.train=builtin:nope"),
+    # composition errors, which Hydra reports over several lines (tokenclean.__main__.main)
+    "a value of the wrong type": ([*TINY, "training.lr=abc"], "training.lr=abc: Value 'abc'"),
+    "a choice that does not exist": ([*TINY, "selection.method=bogus"], "expected one of [global, sample"),
+    "a config group option that does not exist": ([*TINY, "training=nope"], "Available options in 'training'"),
+    "a config group given a number": ([*TINY, "model=0"], "in `model=tiny tracking=none model=0"),
+    "an override that does not parse": ([*TINY, "'bad="], "an override does not parse"),
+    "a key the schema does not have": ([*TINY, "+training.lr_typo=1"], "training.lr_typo: not a tokenclean setting"),
+    "an interpolation that does not resolve": ([*TINY, "name=${nope}"], "Interpolation key 'nope' not found"),
+    "a number too large for a float": ([*TINY, "training.lr=1e400"], "training.lr=inf: must be a finite number"),
 }
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import tokenclean.config  # noqa: F401  registers the typed schema with Hydra's ConfigStore
 
@@ -45,16 +47,19 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+composed = False   # set when Hydra has composed the config and calls app: what fails before is the command line
+
+
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
 def app(cfg: DictConfig) -> None:
-    from tokenclean import rundir, scorers
-    from tokenclean.config import UserError, validate
+    global composed
+    composed = True
+    from tokenclean import rundir
+    from tokenclean.config import UserError
 
     _setup_logging()
     try:
-        typed = OmegaConf.to_object(cfg)
-        validate(typed)
-        scorers.validate(typed)
+        typed = typed_config(cfg)
         from tokenclean import pipelines
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         job, summary = pipelines.run(typed, run_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
@@ -70,6 +75,25 @@ def app(cfg: DictConfig) -> None:
         rundir.end_run()
     if job.acc.is_main_process:
         print(format_summary(summary))
+
+
+def typed_config(cfg: DictConfig):
+    """The composed config as the typed `Config`, with every check that needs no model (config.validate, the
+    scorer's own): raises a ConfigError (a UserError) naming the override, or returns the config that can run."""
+    from tokenclean import scorers
+    from tokenclean.config import ConfigError, unknown_keys, validate
+
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:   # e.g. an interpolation that does not resolve
+        raise ConfigError(composition_error(e)) from None
+    extra = unknown_keys(OmegaConf.to_container(cfg), typed)
+    if extra:
+        raise ConfigError(f"{', '.join(extra)}: not a tokenclean setting (added with +{extra[0]}=...?); "
+                          "`tokenclean --cfg job` prints every key with its value")
+    validate(typed)
+    scorers.validate(typed)
+    return typed
 
 
 # what the OS says when a disk fills or a path cannot be written: one line (the path, the way out), no traceback
@@ -124,8 +148,42 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+HYDRA_NOISE = ("reference_type=", "object_type=", "Config search path", "provider=", "See https://hydra.cc")
+
+
+def composition_error(e: Exception) -> str:
+    """Hydra's or OmegaConf's message for an override that cannot compose, as one line: the override, what is
+    wrong and, for a config group, the options (without the key paths and search paths it adds for debugging)."""
+    lines = str(e).splitlines() + (str(e.__cause__).splitlines() if e.__cause__ is not None else [])
+    kept = [line.strip().replace("full_key: ", "(key ").rstrip() + (")" if "full_key: " in line else "")
+            for line in lines if line.strip() and not line.strip().startswith(HYDRA_NOISE)
+            and set(line.strip()) != {"^"}]
+    if isinstance(e, OverrideParseException):   # the grammar's own words say nothing about what was typed
+        return (f"an override does not parse ({kept[0]}): write key=value, quoting values with spaces or "
+                "brackets (https://hydra.cc/docs/advanced/override_grammar/basic)")
+    first, rest = kept[0].replace("Error merging override ", ""), " ".join(kept[1:])
+    text = f"{first}{'' if not rest or first[-1] in '.:' or rest[0] == '(' else ':'} {rest}".rstrip(" .")
+    return f"{text}. `tokenclean --help` lists the config groups; `tokenclean --cfg job` prints every key and value"
+
+
 def main() -> None:
-    app()
+    # Hydra prints a composition error over several lines and exits 1; with HYDRA_FULL_ERROR it raises instead, so
+    # a wrong override is the one-line error (exit 2) that every other user error is. A user who sets it gets
+    # Hydra's own full report.
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        app()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        app()
+    except Exception as e:   # Hydra's, OmegaConf's (${...} that does not resolve), a ValueError for `model=0`
+        if composed:
+            raise
+        message, args = composition_error(e), [a for a in sys.argv[1:] if "=" in a]
+        where = "" if any(a in message for a in args) else f"in `{' '.join(args)}`: "
+        fail(2, f"error: {where}{message}")
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]
 
 
 if __name__ == "__main__":

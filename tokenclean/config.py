@@ -5,8 +5,9 @@ scorers check their own requirements against this config (tokenclean.scorers.che
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import List, Optional
 
@@ -255,8 +256,39 @@ def triton_interprets() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+def non_finite(node, prefix: str = "") -> tuple[str, float] | None:
+    """The first float field (dotted key, value) of a config that is nan or infinite (`training.lr=1e400` parses as
+    inf), else None: no field of the config has a meaning for them."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            found = non_finite(value, f"{prefix}{f.name}.")
+            if found:
+                return found
+        for x in value if isinstance(value, list) else [value]:
+            if isinstance(x, float) and not math.isfinite(x):
+                return f"{prefix}{f.name}", value
+    return None
+
+
+def unknown_keys(composed: dict, typed, prefix: str = "") -> list[str]:
+    """The dotted keys of a composed config (a plain dict) that its typed form (`typed`, the dataclass) has no field
+    for: Hydra lets `+key=value` add one, and the typed config would silently drop it."""
+    values = {f.name: getattr(typed, f.name) for f in fields(typed)}
+    out = []
+    for key, value in composed.items():
+        if key not in values:
+            out.append(f"{prefix}{key}")
+        elif isinstance(value, dict) and is_dataclass(values[key]):
+            out += unknown_keys(value, values[key], f"{prefix}{key}.")
+    return out
+
+
 def validate(cfg: Config) -> None:
     """Every check that needs no model. Raises ConfigError naming the override to change."""
+    bad = non_finite(cfg)
+    if bad is not None:
+        check(False, *bad, "must be a finite number")
     m, d, s, t, p = cfg.model, cfg.data, cfg.selection, cfg.training, cfg.pipeline
     if not m.name_or_path.startswith("builtin:"):
         check(os.path.isdir(m.name_or_path), "model.name_or_path", m.name_or_path,
