@@ -39,6 +39,8 @@ CASES = {
     "an override that does not parse": ([*TINY, "'bad="], "an override does not parse"),
     "a key the schema does not have": ([*TINY, "+training.lr_typo=1"], "training.lr_typo: not a tokenclean setting"),
     "an interpolation that does not resolve": ([*TINY, "name=${nope}"], "Interpolation key 'nope' not found"),
+    "a learning rate that diverges": ([*TINY, "data.limit=100", "data.eval_size=10", "training.lr=1e30"],
+                                      "training diverged: the loss is nan at step 3 of 3 of reference"),
     "a number too large for a float": ([*TINY, "training.lr=1e400"], "training.lr=inf: must be a finite number"),
 }
 

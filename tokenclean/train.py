@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from tokenclean.config import TrainingConfig
+from tokenclean.config import TrainingConfig, UserError
 from tokenclean.dist import batch_or_placeholder
 from tokenclean.io import fsync_tree
 from tokenclean.losses import TokenLoss, collate
@@ -386,6 +386,11 @@ def _fit(accelerator, p, input_ids, keep, cfg, pad_id, on_step, desc, online, ch
         asked = float(stop is not None and stop.received is not None)
         loss_sum, asked = accelerator.reduce(torch.stack([loss_sum, loss_sum.new_tensor(asked)]), "sum").tolist()
         step_loss = loss_sum / normaliser(n_kept)
+        if not math.isfinite(step_loss):   # every rank sees the same reduced loss, so every rank stops here
+            raise Diverged(f"training diverged: the loss is {step_loss} at step {step_i + 1} of {len(p.steps)} of "
+                           f"{desc} (training.lr={cfg.lr}, training.max_grad_norm={cfg.max_grad_norm}). Lower "
+                           "training.lr, keep clipping on (training.max_grad_norm=1.0), or train in float32 "
+                           "(training.mixed_precision=no); then rerun with resume=false")
         stats["train_loss"].append(step_loss)
         stats["tokens"] += n_kept
         if accelerator.is_local_main_process:
@@ -408,6 +413,10 @@ def _fit(accelerator, p, input_ids, keep, cfg, pad_id, on_step, desc, online, ch
     stats["seconds"] = time.perf_counter() - t0
     stats["tokens_per_second"] = stats["tokens"] / max(stats["seconds"], 1e-9)
     return stats
+
+
+class Diverged(UserError):
+    """The training loss became nan or infinite: the weights are no longer worth saving."""
 
 
 def train(accelerator, lm, input_ids: Ragged, keep: Ragged, cfg: TrainingConfig, seed: int, pad_id: int,
