@@ -106,7 +106,15 @@ class ScoreCache:
         return entry["info"]
 
     def put(self, key: Key, files: dict[str, Path], info: dict) -> None:
-        """Publish an entry of `files` (entry file name -> a file of the run that computed it) and `info`."""
+        """Publish an entry of `files` (entry file name -> a file of the run that computed it) and `info`. The cache
+        only saves time: a cache that cannot be written (full, read-only) is a warning, and the run goes on."""
+        try:
+            self._publish(key, files, info)
+        except OSError as e:
+            log.warning("score cache: could not store %s in %s (%s); the run goes on without it", key.name,
+                        self.root, e.strerror or e)
+
+    def _publish(self, key: Key, files: dict[str, Path], info: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key.name}.tmp-", dir=self.root))
         try:
@@ -118,6 +126,7 @@ class ScoreCache:
             (tmp / "key.json").write_text(key.text)
             (tmp / "entry.json").write_text(json.dumps({"info": info, "files": hashes}, indent=1))
             os.chmod(tmp, 0o755)   # mkdtemp makes it private; the cache may be shared
+            io.fsync_tree(tmp)     # whole on disk before the rename makes it visible
             final = self.root / key.name
             with self._lock(key):
                 if final.exists():

@@ -2,8 +2,8 @@
 
 KILL_AT selects the point:
   train:<stage>:<n>        after optimiser step n of a training stage (mid-training)
-  slow:<stage>:<seconds>   no kill: a pause after every optimiser step of the stage, so that a signal sent from
-                           outside lands mid-training however fast the machine
+  slow:<stage>:<seconds>   no kill: a pause after every optimiser step of the stage (<stage> * = every stage), so
+                           that a signal sent from outside lands mid-training however fast the machine
   checkpoint:<dir name>    a checkpoint's files are written, just before the rename that publishes it
   array:<name>             a per-token array's .npy files are written, before its .json (mid score/mask write)
   manifest:<stage>         the manifest naming <stage> is written to its temp file, before the rename
@@ -33,7 +33,7 @@ if kind in ("train", "slow"):
     def fit_and_die(accelerator, p, input_ids, keep, cfg, pad_id, on_step=None, desc="train", **kwargs):
         def step(i, metrics):
             on_step(i, metrics)
-            if desc == stage and kind == "slow":
+            if kind == "slow" and stage in (desc, "*"):
                 time.sleep(float(n))
             elif desc == stage and i + 1 == int(n):
                 die()
