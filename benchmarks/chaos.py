@@ -32,6 +32,7 @@ SCRIPTS = ROOT / "tests" / "scripts"
 ROUNDS = 3
 JOB = ["model=tiny", "tracking=none", "pipeline=self_evolving", f"pipeline.chunks={ROUNDS}", "data.limit=200",
        "data.eval_size=16", "training.micro_batch_size=2", "training.loss_chunk_size=64", "training.save_every=2"]
+SLOW_STEP = 0.3                     # seconds of pause per optimiser step in the starts that get a timed signal
 MAX_STARTS = 6                      # per life: the last start runs untouched
 RTOL_FRO, ATOL_MAX = 1e-4, 1e-3     # tests/test_distributed.py: what two processes may differ by from one
 # (kind, argument): the fault script's names (tests/scripts/kill_run.py KILL_AT, tests/scripts/fault.py FAULT)
@@ -145,7 +146,7 @@ def compare(ref: Path, run: Path, cache: Path) -> dict:
             "eval_loss": [s_ref["eval_loss_after"], s_run["eval_loss_after"]], "leftovers": leftovers}
 
 
-def soak(n_lives: int, seed: int, work: Path, log_path: Path) -> dict:
+def soak(n_lives: int, seed: int, work: Path, log_path: Path, targeted=TARGETED) -> dict:
     """`n_lives` runs from scratch, each in a fresh run directory and score cache: its first start gets the next
     targeted fault, then timed signals at random moments until it finishes (at most MAX_STARTS starts), then it is
     compared with the uninterrupted run."""
@@ -167,13 +168,14 @@ def soak(n_lives: int, seed: int, work: Path, log_path: Path) -> dict:
         for life in range(n_lives):
             cache, run_dir = fresh_cache(f"cache_{life}"), work / f"run_{life}"
             env, starts = environment(cache), []
-            fault = TARGETED[life % len(TARGETED)]
+            fault = targeted[life % len(targeted)]
             starts.append(attempt(run_dir, env, fault, float(rng.uniform(3, 12)) if fault[1].startswith("slow:")
                                   else None, log))
             while starts[-1]["rc"] != 0 and len(starts) < MAX_STARTS:
                 last = len(starts) == MAX_STARTS - 1
-                timed = None if last else ("kill" if rng.random() < 0.5 else "term", "slow:*:0.1")
-                starts.append(attempt(run_dir, env, timed, None if last else float(rng.uniform(6, duration + 6)),
+                timed = None if last else ("kill" if rng.random() < 0.5 else "term", f"slow:*:{SLOW_STEP}")
+                # the launch takes most of `duration`; slowed steps make the work after it last about as long again
+                starts.append(attempt(run_dir, env, timed, None if last else float(rng.uniform(0.6, 1.4) * duration),
                                       log))
             for x in starts:
                 print(json.dumps({"life": life, **x}), flush=True)
@@ -189,8 +191,8 @@ def write(out: Path, state: dict) -> None:
              "```", "", f"Commit {state['commit']}, seed {state['seed']}; the uninterrupted run took "
              f"{state['uninterrupted_seconds']:.0f} s (the launch of 2 processes included). Each life is a run from "
              "scratch in a fresh run directory and score cache: its first start gets a targeted fault, the next "
-             "ones SIGKILL or SIGTERM at a random moment (steps slowed by 0.1 s so that signals land in training "
-             "too), the last one runs untouched.", "",
+             f"ones SIGKILL or SIGTERM at a random moment (each step slowed by {SLOW_STEP} s so that signals land "
+             "in training too), the last one runs untouched.", "",
              "| life | start | fault | at | signal | exit | stages done after | masks | weights: rel / abs diff |",
              "|---|---|---|---|---|---|---|---|---|"]
     n_starts = n_interrupted = n_ok = 0

@@ -6,6 +6,7 @@ modules between two separate commands (which rightly changes the key) cannot mak
 import json
 import math
 import multiprocessing
+import os
 import shutil
 
 import numpy as np
@@ -160,3 +161,21 @@ def test_concurrent_writers_publish_one_whole_entry(tmp_path):
     assert c.restore(c.key("test", {"x": 1}), {"a": str(tmp_path / "out/a")}) == {"n": 1}
     assert (tmp_path / "out/a.bin").read_bytes() == b"payload"
     assert c.restore(c.key("test", {"x": 2}), {}) is None
+
+
+def test_a_full_cache_disk_is_a_warning_and_leaves_no_entry(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from tokenclean import io
+    from tokenclean.cache import ScoreCache
+    (tmp_path / "a.bin").write_bytes(b"payload")
+    c = ScoreCache(tmp_path / "c")
+    key = c.key("test", {"x": 1})
+
+    def full(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(io, "fsync_tree", full)
+    c.put(key, {"a.bin": tmp_path / "a.bin"}, {"n": 1})   # no exception: the run goes on
+    assert "could not store" in caplog.text and "No space left on device" in caplog.text
+    assert list((tmp_path / "c").iterdir()) == []         # neither the entry nor its temporary directory
+    assert c.restore(key, {"a": str(tmp_path / "out/a")}) is None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import tokenclean.__main__ as cli
@@ -98,7 +98,7 @@ def read_and_tokenize(case, on_error, tokenizer) -> str:
 
 
 def check_data(case, on_error, tokenizer):
-    read_and_tokenize(case, on_error, tokenizer)
+    event(read_and_tokenize(case, on_error, tokenizer))   # counted by --hypothesis-show-statistics
 
 
 @FAST
@@ -184,14 +184,14 @@ def configure(args: list[str]) -> str:
 @FAST
 @given(args=overrides())
 def test_generated_overrides_compose_or_are_refused_in_one_line(args):
-    configure(args)
+    event(configure(args))
 
 
 @pytest.mark.slow
 @LARGE
 @given(args=overrides())
 def test_generated_overrides_compose_or_are_refused_in_one_line_large_budget(args):
-    configure(args)
+    event(configure(args))
 
 
 def test_the_config_fuzzer_reaches_both_outcomes():
