@@ -44,7 +44,7 @@ TARGETED = [
     ("kill", "array:round_1/scores"),         # round 1's scores: the arrays written, not their .json
     ("term", "slow:round_1:0.3"),             # SIGTERM mid round 1: stop at the step boundary, save, exit 75
     ("kill", "manifest:round_1"),             # the manifest naming round_1 half written
-    ("enospc", "round_2/keep"),               # round 2's keep mask
+    ("enospc", "round_2/.keep"),              # round 2's keep mask (its per-process temporary file)
     ("enospc", "manifest.json"),              # the manifest itself
 ]
 
@@ -140,7 +140,8 @@ def compare(ref: Path, run: Path, cache: Path) -> dict:
             rel = max(rel, float(np.linalg.norm(d) / max(np.linalg.norm(a[k]), 1e-30)))
             absolute = max(absolute, float(np.abs(d).max()))
     s_ref, s_run = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
-    leftovers = [str(p) for root in (run, cache) for p in root.rglob("*") if ".tmp" in p.name or ".partial" in p.name]
+    # the package's temporary names (io.atomic_write, cache.put); not the .partial manifest the kill script plants
+    leftovers = [str(p) for root in (run, cache) for p in root.rglob("*") if ".tmp" in p.name]
     return {"masks_equal": masks_equal, "weights_rel_fro_max": rel, "weights_abs_max": absolute,
             "weights_within_tolerance": rel <= RTOL_FRO and absolute <= ATOL_MAX,
             "eval_loss": [s_ref["eval_loss_after"], s_run["eval_loss_after"]], "leftovers": leftovers}
