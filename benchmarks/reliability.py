@@ -33,9 +33,9 @@ def fuzz() -> dict:
     for line in proc.stdout.splitlines():
         if m := re.search(r"tests/test_fuzz.py::(\w+)", line):
             current = out.setdefault(m.group(1), {"events": {}})
-        elif current is not None and (m := re.search(r"- (\d+) passing examples", line)):
-            current["passing_examples"] = int(m.group(1))
-        elif current is not None and (m := re.search(r"- ([\d.]+)%, (accepted|refused)", line)):
+        elif current is not None and (m := re.search(r"(\d+) passing, (\d+) failing", line)):
+            current["passing"], current["failing"] = int(m.group(1)), int(m.group(2))
+        elif current is not None and (m := re.search(r"\* ([\d.]+)%, (accepted|refused)", line)):
             current["events"][m.group(2)] = float(m.group(1)) / 100
     return out
 

@@ -8,6 +8,8 @@ from tokenclean.config import Config, PipelineName
 
 def run(cfg: Config, run_dir: Path, config_dict: dict):
     """setup -> the pipeline -> finish. Returns (the job, its summary)."""
+    from tokenclean.rundir import lock_early
+    lock_early(run_dir)   # before the imports below (torch, transformers, peft: seconds): a second run fails at once
     from tokenclean.pipelines import fixed, self_evolving
     from tokenclean.pipelines.job import finish, setup
     job = setup(cfg, run_dir, config_dict)
