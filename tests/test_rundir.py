@@ -212,12 +212,16 @@ def test_the_lock_is_taken_before_any_data_is_read_or_model_resolved(tmp_path):
     holder = hold_lock(run_dir)
     try:
         proc = run_cli(["model=tiny", "tracking=none", "data=file", f"data.train={pool}", "data.warmup_fraction=0.2",
-                        "cache=false"], run_dir, check=False)
+                        "cache=false"], run_dir, check=False, env={"PYTHONPROFILEIMPORTTIME": "1"})
     finally:
         kill(holder)
     line = one_line_error(proc, 2)
     assert line.startswith(f"tokenclean: error: {run_dir} is in use by another run (pid {holder.pid} "), line
-    assert "data:" not in proc.stderr and "tokenize" not in proc.stderr
+    log = [ln for ln in proc.stderr.splitlines() if not ln.startswith("import time:")]
+    assert not any("data:" in ln or "tokenize" in ln for ln in log)
+    # nor torch, transformers or peft imported (seconds of the refusal's time): Python's import log says so
+    imported = {ln.rsplit("|", 1)[1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
+    assert "hydra" in imported and not imported & {"torch", "transformers", "peft"}
 
 
 def test_a_dead_holders_lock_is_taken_over_and_ctrl_c_says_how_to_resume(chain):
