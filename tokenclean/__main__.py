@@ -157,7 +157,7 @@ def composition_error(e: Exception) -> str:
     lines = str(e).splitlines() + (str(e.__cause__).splitlines() if e.__cause__ is not None else [])
     kept = [line.strip().replace("full_key: ", "(key ").rstrip() + (")" if "full_key: " in line else "")
             for line in lines if line.strip() and not line.strip().startswith(HYDRA_NOISE)
-            and set(line.strip()) != {"^"}]
+            and set(line.strip()) != {"^"}] or [type(e).__name__]
     if isinstance(e, OverrideParseException):   # the grammar's own words say nothing about what was typed
         return (f"an override does not parse ({kept[0]}): write key=value, quoting values with spaces or "
                 "brackets (https://hydra.cc/docs/advanced/override_grammar/basic)")
