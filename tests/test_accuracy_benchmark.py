@@ -67,6 +67,7 @@ def test_noise_drops_counts_exactly_the_dropped_noise_and_clean_tokens(tmp_path,
     assert got["self-evolving (influence)"] == {"boilerplate": pytest.approx(1 / n_noise), "clean tokens": 0.0}
 
 
+@pytest.mark.slow   # a harness run end to end (~25 s); the harness's parts are tested in the default suite
 def test_the_accuracy_benchmark_end_to_end_on_the_tiny_model(tmp_path):
     """Settings chosen on dev (never the held-out half), every method paired with full over the same documents, the
     margin beside acc, and a random control at XTF's own kept ratio."""

@@ -63,6 +63,7 @@ def test_per_document_margin_is_gold_minus_the_best_distractor():
     json.dumps(out)
 
 
+@pytest.mark.slow   # a harness run end to end (~25 s); the harness's parts are tested in the default suite
 def test_the_arithmetic_experiment_end_to_end_on_the_tiny_model(tmp_path):
     """The controlled experiment at a tiny size: the pool has exactly the injected noise, the oracle trains on every
     token but the noise, lm-eval scores every test problem, and the paired table is written."""
