@@ -75,9 +75,7 @@ def attempt(run_dir: Path, env: dict, fault: tuple[str, str] | None, delay: floa
     script, extra = None, {}
     if kind == "enospc":
         script, extra = SCRIPTS / "fault.py", {"FAULT": f"enospc:{arg}"}
-    elif kind in ("kill", "term") and arg.startswith("slow:"):
-        script, extra = SCRIPTS / "kill_run.py", {"KILL_AT": arg}       # a pause per step: the signal lands there
-    elif kind == "kill" and arg:
+    elif arg:   # a kill at a point, or (slow:...) a pause per step so that a timed signal lands mid-training
         script, extra = SCRIPTS / "kill_run.py", {"KILL_AT": arg}
     t0 = time.perf_counter()
     proc = subprocess.Popen(command(run_dir, script), cwd=ROOT, env={**env, **extra}, stdout=log,

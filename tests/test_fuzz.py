@@ -167,7 +167,8 @@ def configure(args: list[str]) -> str:
                 with initialize_config_dir(config_dir=cli.conf_dir(), version_base="1.3"):
                     cfg = compose("config", overrides=args)
             except Exception as e:   # before app() runs: main() turns every such error into its one line
-                assert cli.composition_error(e).strip()
+                said = cli.composition_error(e).split(". `tokenclean --help`")[0].strip()
+                assert said and said != type(e).__name__, said   # Hydra's or OmegaConf's own words, not a blank
                 cfg = None
             outcome = "refused" if cfg is None else "accepted"
             if cfg is not None:

@@ -282,3 +282,20 @@ def test_a_finished_run_with_a_damaged_file_is_refused_when_opened(chain, tmp_pa
     with pytest.raises(DamagedError, match=re.escape(message)):
         RunDir(run_dir, accelerator, config, data_fp, resume=True, verify_array=VERIFY)
     rundir.end_run()
+
+
+@pytest.mark.parametrize("env, takes", [({"RANK": "1", "SLURM_PROCID": "0"}, False),   # torchrun's rank wins
+                                        ({"SLURM_PROCID": "1"}, False),   # srun, before slurm_to_torch_env
+                                        ({"SLURM_PROCID": "0"}, True), ({}, True)])
+def test_only_rank_0_takes_the_lock_early(tmp_path, monkeypatch, env, takes):
+    from tokenclean.rundir import end_run, lock_early
+    for key in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    try:
+        lock_early(tmp_path / "run")
+        assert (tmp_path / "run" / ".lock").exists() == takes
+    finally:
+        end_run()
+    assert not (tmp_path / "run" / ".lock").exists()

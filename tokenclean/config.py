@@ -288,7 +288,7 @@ def validate(cfg: Config) -> None:
     """Every check that needs no model. Raises ConfigError naming the override to change."""
     bad = non_finite(cfg)
     if bad is not None:
-        check(False, *bad, "must be a finite number")
+        raise ConfigError(f"{bad[0]}={bad[1]!r}: must be a finite number")
     m, d, s, t, p = cfg.model, cfg.data, cfg.selection, cfg.training, cfg.pipeline
     if not m.name_or_path.startswith("builtin:"):
         check(os.path.isdir(m.name_or_path), "model.name_or_path", m.name_or_path,

@@ -223,12 +223,14 @@ _early: dict[Path, RunLock] = {}         # taken by lock_early, not yet announce
 
 
 def lock_early(path: str | os.PathLike) -> None:
-    """Rank 0 of the launch (RANK in the environment, as accelerate launch, torchrun and dist.slurm_to_torch_env set
-    it; absent: one process) takes the run directory's lock before the job reads any data, resolves any model or
-    starts a process group: a second run is refused at once, whatever the size of its pool. If it is refused, rank 0
-    exits and the launcher ends the other ranks (they wait for it at the process group's start)."""
+    """Rank 0 of the launch (RANK in the environment, as accelerate launch and torchrun set it; else SLURM_PROCID,
+    as srun sets it before dist.slurm_to_torch_env has run; neither: one process) takes the run directory's lock
+    before the job reads any data, resolves any model or starts a process group: a second run is refused at once,
+    whatever the size of its pool. If it is refused, rank 0 exits and the launcher ends the other ranks (they wait
+    for it at the process group's start)."""
     path = Path(path).absolute()
-    if int(os.environ.get("RANK", 0)) == 0 and path not in _held and path not in _early:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    if rank == 0 and path not in _held and path not in _early:
         path.mkdir(parents=True, exist_ok=True)
         _early[path] = RunLock.acquire(path)
 

@@ -9,7 +9,9 @@ from tokenclean.config import Config, PipelineName
 def run(cfg: Config, run_dir: Path, config_dict: dict):
     """setup -> the pipeline -> finish. Returns (the job, its summary)."""
     from tokenclean.rundir import lock_early
-    lock_early(run_dir)   # before the imports below (torch, transformers, peft: seconds): a second run fails at once
+    # first of all, before the imports below (torch, transformers, peft: seconds) and before any data is read: a
+    # second run on this directory is refused at once
+    lock_early(run_dir)
     from tokenclean.pipelines import fixed, self_evolving
     from tokenclean.pipelines.job import finish, setup
     job = setup(cfg, run_dir, config_dict)

@@ -33,7 +33,7 @@ from tokenclean.losses import TokenLoss, token_losses
 from tokenclean.models import load_model, load_tokenizer, model_fingerprint, save_checkpoint
 from tokenclean.ragged import Ragged
 from tokenclean.report import write_cleaned, write_html
-from tokenclean.rundir import RunDir, lock_early
+from tokenclean.rundir import RunDir
 from tokenclean.scorers.online import OnlineSelector
 from tokenclean.tracking import Tracker
 from tokenclean.train import Checkpoints, fit, prepare, remove_states
@@ -180,7 +180,6 @@ class Job:
         self.cfg, self.scorer = cfg, scorers.get(cfg.scorer.name)
         check_warmup(cfg)
         slurm_to_torch_env()
-        lock_early(run_dir)   # first: a second run on this directory is refused before it reads a large pool
         check_eval_tasks(cfg)
         self.scored = cfg.selection.method not in BASELINES   # the baselines run no scorer
         records, skipped = read_data(cfg)
