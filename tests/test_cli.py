@@ -32,6 +32,12 @@ def test_fixed_pipeline_writes_every_stage(fixed_run):
     assert summary["tokens_kept"] == math.floor(0.6 * 11211) == 6726
     assert int(load_array(run_dir / "keep").values.sum()) == 6726
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    # where the time went, as the package measured it: every part this pipeline ran, adding up to the total
+    for kind in ("wall", "cpu"):
+        parts = summary["timers"][kind]
+        assert {"setup", "load", "train", "eval", "base_pass", "reference_pass", "checkpoint", "select",
+                "report"} <= parts.keys(), parts
+        assert abs(sum(v for k, v in parts.items() if k != "total") - parts["total"]) < 0.05, parts
 
 
 def test_scores_are_base_minus_reference_and_keep_the_top(fixed_run):

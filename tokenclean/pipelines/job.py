@@ -10,6 +10,7 @@ same masks and weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -35,6 +36,7 @@ from tokenclean.ragged import Ragged
 from tokenclean.report import write_cleaned, write_html
 from tokenclean.rundir import RunDir
 from tokenclean.scorers.online import OnlineSelector
+from tokenclean.timers import Timers
 from tokenclean.tracking import Tracker
 from tokenclean.train import Checkpoints, fit, prepare, remove_states
 
@@ -174,9 +176,20 @@ def stage_seed(seed: int, stage: str) -> int:
     return int(fingerprint(seed, stage)[:8], 16)
 
 
-class Job:
-    def __init__(self, cfg: Config, run_dir: Path, config_dict: dict):
+def timed(part: str, unless_in: tuple[str, ...] = ()):
+    """A Job method whose time counts as `part` of the run (Job.timers, summary.json's "timers")."""
+    def wrap(method):
+        @functools.wraps(method)
+        def timed_method(self, *args, **kwargs):
+            with self.timers.part(part, unless_in):
+                return method(self, *args, **kwargs)
+        return timed_method
+    return wrap
 
+
+class Job:
+    def __init__(self, cfg: Config, run_dir: Path, config_dict: dict, timers: Timers):
+        self.timers = timers
         self.cfg, self.scorer = cfg, scorers.get(cfg.scorer.name)
         check_warmup(cfg)
         slurm_to_torch_env()
@@ -210,6 +223,7 @@ class Job:
                      len(d.eval) if d.eval else 0, d.skipped_records)
 
     # -- models ------------------------------------------------------------------------------------------------------
+    @timed("load")
     def train_model(self, path: str, stage: str, n_examples: int, adapter: str | None = None,
                     steps_before: int = 0, steps_total: int | None = None):
         """A model from `path`, prepared for training a stage of n_examples (train.Prepared)."""
@@ -222,6 +236,7 @@ class Job:
             lm = load_model(path, self.cfg.model, self.cfg.seed, lora=False)
         return TokenLoss(lm, self.cfg.training.loss_chunk_size, self.cfg.training.loss_kernel).to(self.acc.device)
 
+    @timed("train")
     def fit(self, prepared, examples: Examples, keep: Ragged, stage: str, round_index: int | None = None,
             online=None) -> dict:
         """Train a stage, resuming from its last saved state (<run>/<stage>.state/, train.Checkpoints) if an earlier
@@ -260,6 +275,7 @@ class Job:
                         "tokens); those steps train on nothing", stage, empty, len(steps), selection_override(self.cfg),
                         f"{per_example.sum():,.0f}")
 
+    @timed("checkpoint")
     def save_model(self, prepared, rel: str, start_dir: str) -> None:
         """Write the stage's model as an HF checkpoint (LoRA merged), then free its model and optimiser."""
         save_checkpoint(self.acc, prepared.model, self.tokenizer, self.run.path / rel, start_dir, self.cfg.model,
@@ -274,10 +290,12 @@ class Job:
         return stage_seed(self.cfg.seed, stage)
 
     # -- per-token arrays --------------------------------------------------------------------------------------------
+    @timed("reference_pass", unless_in=("eval", "base_pass"))
     def losses(self, model, examples: Examples, desc: str, entropy: bool = False):
         return token_losses(self.acc, model, examples.input_ids, examples.target,
                             self.cfg.training.score_batch_size, self.pad_id, desc=desc, entropy=entropy)
 
+    @timed("base_pass")
     def base_signals(self, model, parts: list[tuple[str, Examples]]) -> None:
         """The one producer of base-model signals: per-token losses of the untouched base (and its predictive
         entropies, when the scorer reads them) on every part, once per run (stage base_losses), stored at each
@@ -335,6 +353,7 @@ class Job:
         return meta
 
     # -- decisions ---------------------------------------------------------------------------------------------------
+    @timed("select")
     def decide(self, scored: scorers.Scored | None, target: Ragged, seed: int) -> Ragged:
         """The keep mask (or soft weights) from a scorer's answer: its own decision where it has one (XTF's rules),
         else selection.method over its scores. The baselines (all, random) need no scores."""
@@ -358,6 +377,7 @@ class Job:
         self.save_array(selector.keep_ragged(), f"{prefix}keep")
         return selector.summary()
 
+    @timed("select")
     def save_scored(self, scored: scorers.Scored | None, keep: Ragged, prefix: str) -> None:
         """The decision (keep mask or weights) and what the scorer produced, under the rel `prefix`."""
         for rel, array in (scored.arrays.items() if scored else ()):
@@ -367,6 +387,7 @@ class Job:
         self.save_array(keep, f"{prefix}keep")
 
     # -- metrics -----------------------------------------------------------------------------------------------------
+    @timed("eval")
     def evaluate(self, model, stage: str, round_index: int | None = None) -> dict:
         """Held-out loss over every response token (a diagnostic: it counts the tokens cleaning drops on purpose)."""
         if self.data.eval is None:
@@ -378,6 +399,7 @@ class Job:
                          **{"train/step": self.global_step})
         return out
 
+    @timed("eval")
     def evaluate_tasks(self, checkpoint, label: str, round_index: int | None = None) -> dict:
         """Task accuracy of the HF checkpoint at `checkpoint` with lm-evaluation-harness on local data (eval.tasks;
         {} when there are none). Every rank takes part (lm-eval splits the requests over the ranks, each with a
@@ -476,7 +498,9 @@ class Job:
 
 
 def setup(cfg: Config, run_dir: Path, config_dict: dict) -> Job:
-    return Job(cfg, run_dir, config_dict)
+    timers = Timers()
+    with timers.part("setup"):
+        return Job(cfg, run_dir, config_dict, timers)
 
 
 def finish(job: Job, summary: dict, parts: list[tuple[Examples, str]]) -> dict:
@@ -487,29 +511,37 @@ def finish(job: Job, summary: dict, parts: list[tuple[Examples, str]]) -> dict:
                    pool={"examples": len(d.train), "warmup_source": d.warmup_source,
                          "warmup_examples": len(d.warmup) if d.warmup is not None else None},
                    truncation=job.data.truncation, malformed_records_skipped=job.data.skipped_records)
+    with job.timers.part("report"):
+        if job.acc.is_main_process:
+            write_reports(job, parts)
+    summary["timers"] = job.timers.summary()
     if job.acc.is_main_process:
-        def stored(rel, default):
-            return job.load_array(rel) if job.run.has_array(rel) else default
-
-        ids, target, keep, scores, reasons = [], [], [], [], {}
-        for examples, prefix in parts:
-            ids.append(examples.input_ids)
-            target.append(examples.target)
-            keep.append(stored(prefix + "keep", examples.target))   # e.g. round 0: every response token
-            nan = np.full(len(examples.target.values), np.nan, np.float32)
-            scores.append(stored(prefix + "scores", examples.target.like(nan)))
-            for label, rel in job.scorer.reasons if job.scored else ():
-                if job.run.has_array(prefix + rel):
-                    reasons.setdefault(label, []).append(job.load_array(prefix + rel))
-        cat = Ragged.concat
-        if any(k.values.dtype != bool for k in keep):   # soft weights: a round kept whole weighs 1
-            keep = [k.like(np.asarray(k.values, np.float32)) for k in keep]
-        write_cleaned(job.run.path / "cleaned.parquet", cat(ids), cat(keep))
-        write_html(job.run.path / "report.html", job.tokenizer, cat(ids), cat(target), cat(keep), cat(scores),
-                   {k: cat(v) for k, v in reasons.items() if len(v) == len(parts)}, title=job.run.path.name)
         atomic_write_text(job.run.path / "summary.json", json.dumps(summary, indent=1))
     job.tracker.finish(flat(summary))
     return summary
+
+
+def write_reports(job: Job, parts: list[tuple[Examples, str]]) -> None:
+    """cleaned.parquet (the decisions as labels) and report.html (every token, coloured by its decision)."""
+    def stored(rel, default):
+        return job.load_array(rel) if job.run.has_array(rel) else default
+
+    ids, target, keep, scores, reasons = [], [], [], [], {}
+    for examples, prefix in parts:
+        ids.append(examples.input_ids)
+        target.append(examples.target)
+        keep.append(stored(prefix + "keep", examples.target))   # e.g. round 0: every response token
+        nan = np.full(len(examples.target.values), np.nan, np.float32)
+        scores.append(stored(prefix + "scores", examples.target.like(nan)))
+        for label, rel in job.scorer.reasons if job.scored else ():
+            if job.run.has_array(prefix + rel):
+                reasons.setdefault(label, []).append(job.load_array(prefix + rel))
+    cat = Ragged.concat
+    if any(k.values.dtype != bool for k in keep):   # soft weights: a round kept whole weighs 1
+        keep = [k.like(np.asarray(k.values, np.float32)) for k in keep]
+    write_cleaned(job.run.path / "cleaned.parquet", cat(ids), cat(keep))
+    write_html(job.run.path / "report.html", job.tokenizer, cat(ids), cat(target), cat(keep), cat(scores),
+               {k: cat(v) for k, v in reasons.items() if len(v) == len(parts)}, title=job.run.path.name)
 
 
 def flat(d: dict, prefix: str = "") -> dict:
