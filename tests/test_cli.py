@@ -12,7 +12,8 @@ from tests.cli import TINY, load_array, run_cli, stages
 @pytest.fixture(scope="module")
 def fixed_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fixed") / "run"
-    proc = run_cli(TINY, run_dir)
+    # cache=false: every stage computed here, whatever other tests left in the shared score cache
+    proc = run_cli([*TINY, "cache=false"], run_dir)
     return run_dir, proc
 
 

@@ -28,7 +28,7 @@ def full_logit_entropy(lm, ids: np.ndarray) -> np.ndarray:
 
 def test_score_is_minus_the_entropy_and_nan_off_the_response():
     h = Ragged.from_list([np.array([np.nan, 0.5, 2.0], np.float32), np.array([np.nan, 1.25], np.float32)], np.float32)
-    scored = get("entropy").score(Signals(job=None, examples=None, base_entropy=h))
+    scored = get("entropy").score(Signals(examples=None, base_entropy=h))
     np.testing.assert_array_equal(scored.scores.values, [np.nan, -0.5, -2.0, np.nan, -1.25])
     assert scored.keep is None and scored.weights is None
     spec = get("entropy")

@@ -12,10 +12,9 @@ import dataclasses
 import time
 
 from tokenclean import selection
+from tokenclean.pipelines.artefacts import POOL
 from tokenclean.pipelines.job import Job, check_keeps_some
 
-BASE = "losses/base"
-REFERENCE = "losses/reference"   # the warm-up reference's losses on the pool (also self-evolving's first reference)
 # training keys that never change the reference's weights (logging, resumable states): not in its cache key
 BOOKKEEPING = ("log_every", "save_every", "keep_checkpoints")
 
@@ -29,7 +28,7 @@ def run(job: Job) -> tuple[dict, list]:
         select(job)
     if not job.run.done("final"):
         train_final(job)
-    return summarize(job), [(job.data.train, "")]
+    return summarize(job), [(job.data.train, POOL)]
 
 
 def train_reference(job: Job) -> None:
@@ -37,7 +36,7 @@ def train_reference(job: Job) -> None:
     base, the warm-up set, the pool, the held-out set and the training recipe, never on the selection (nor on the
     pipeline: self-evolving with first_reference=warmup trains the same one).)."""
     d, cfg = job.data, job.cfg
-    base_parts = [(BASE, d.train)]   # the base's own signals on the pool, before the first update
+    base_parts = [(POOL, d.train)]   # the base's own signals on the pool, before the first update
 
     def train() -> dict:
         info = {}
@@ -46,7 +45,7 @@ def train_reference(job: Job) -> None:
         job.base_signals(model.model, base_parts)
         info.update(job.fit(model, d.warmup, d.warmup.target, "reference"))
         started = time.perf_counter()
-        job.save_array(job.losses(model.model, d.train, "reference losses"), REFERENCE)
+        job.save_array(job.losses(model.model, d.train, "reference losses"), POOL.reference_losses)
         info["score_seconds"] = round(time.perf_counter() - started, 2)
         info["eval_reference"] = job.evaluate(model.model, "reference")
         job.save_model(model, "reference", job.base_dir)
@@ -56,7 +55,7 @@ def train_reference(job: Job) -> None:
     inputs = job.cache_inputs(warmup=d.warmup.fingerprint(), pool=d.train.fingerprint(),
                               eval=d.eval.fingerprint() if d.eval else None, seed=cfg.seed, training=training)
     with job.run.stage("reference") as st:
-        st.info.update(job.cached_stage("reference", inputs, {"reference_losses": REFERENCE},
+        st.info.update(job.cached_stage("reference", inputs, {"reference_losses": POOL.reference_losses},
                                         ("reference",), train))
         if st.info.get("cached"):
             job.global_step += st.info["steps"]   # as if trained here: later stages log on the same step axis
@@ -74,11 +73,12 @@ def select(job: Job) -> None:
         scored = None
         if job.scored:
             if (scorer.uses_base or scorer.base_entropy) and not job.run.done("base_losses"):
-                job.base_signals(lambda: job.scoring_model(job.base_dir), [(BASE, d.train)])
-            scored = scorer.score(job.signals(d.train, BASE, REFERENCE if scorer.needs_reference else None))
+                job.base_signals(lambda: job.scoring_model(job.base_dir), [(POOL, d.train)])
+            reference = job.load_array(POOL.reference_losses) if scorer.needs_reference else None
+            scored = scorer.score(job.signals(d.train, POOL, reference))
             st.info.update(scored.info)
         keep = job.decide(scored, d.train.target, job.cfg.seed)
-        job.save_scored(scored, keep, "")
+        job.save_scored(scored, keep, POOL)
         st.info.update(job.round_metrics(0, scored and scored.scores, keep, d.train.target))
 
 
@@ -91,14 +91,14 @@ def train_final(job: Job) -> None:
             job.evaluate(model.model, "base")
         selector = None
         if online:   # the base's losses come from these weights, before the first update
-            job.base_signals(model.model, [(BASE, d.train)])
+            job.base_signals(model.model, [(POOL, d.train)])
             selector = job.online_selector(d.train.target, job.load_array(
-                BASE if scorer.cached == "base" else REFERENCE))
-        st.info.update(job.fit(model, d.train, d.train.target if online else job.load_array("keep"), "final",
+                POOL.base_losses if scorer.cached == "base" else POOL.reference_losses))
+        st.info.update(job.fit(model, d.train, d.train.target if online else job.load_array(POOL.keep), "final",
                                online=selector))
         if selector is not None:
-            st.info.update(job.finish_online(selector, ""))
-            st.info.update(selection.summary(job.load_array("keep"), d.train.target))
+            st.info.update(job.finish_online(selector, POOL))
+            st.info.update(selection.summary(job.load_array(POOL.keep), d.train.target))
         st.info["eval_final"] = job.evaluate(model.model, "final")
         job.save_model(model, "final", job.base_dir)
         st.info["tasks"] = job.evaluate_tasks(job.run.path / "final", "final")

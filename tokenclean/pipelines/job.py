@@ -32,6 +32,7 @@ from tokenclean.dist import gather, make_accelerator, not_sharded, slurm_to_torc
 from tokenclean.io import atomic_write_text, fingerprint
 from tokenclean.losses import TokenLoss, token_losses
 from tokenclean.models import load_model, load_tokenizer, model_fingerprint, save_checkpoint
+from tokenclean.pipelines.artefacts import Arrays, carries_base_fingerprint
 from tokenclean.ragged import Ragged
 from tokenclean.report import write_cleaned, write_html
 from tokenclean.rundir import RunDir
@@ -296,16 +297,16 @@ class Job:
                             self.cfg.training.score_batch_size, self.pad_id, desc=desc, entropy=entropy)
 
     @timed("base_pass")
-    def base_signals(self, model, parts: list[tuple[str, Examples]]) -> None:
+    def base_signals(self, model, parts: list[tuple[Arrays, Examples]]) -> None:
         """The one producer of base-model signals: per-token losses of the untouched base (and its predictive
         entropies, when the scorer reads them) on every part, once per run (stage base_losses), stored at each
-        part's rel path (entropies at the same path with 'losses' -> 'entropy'). `model` may be a function that
-        builds it: a hit in the score cache (tokenclean/cache.py) then loads no model."""
+        part's base_losses (and base_entropy). `model` may be a function that builds it: a hit in the score cache
+        (tokenclean/cache.py) then loads no model."""
         if self.run.done("base_losses"):
             return
         entropy = self.scorer.base_entropy and self.scored
         kinds = ("losses", "entropy") if entropy else ("losses",)
-        arrays = {f"part{i}.{kind}": rel.replace("losses", kind) for i, (rel, _) in enumerate(parts) for kind in kinds}
+        arrays = {f"part{i}.{kind}": names.base(kind) for i, (names, _) in enumerate(parts) for kind in kinds}
         t = self.cfg.training
         # every part is scored in one pass (its batches mix the parts), so the key is the parts, in order
         inputs = self.cache_inputs(parts=[p.fingerprint() for _, p in parts], entropy=entropy,
@@ -319,24 +320,26 @@ class Job:
                               entropy=entropy)
             out = out if isinstance(out, tuple) else (out,)
             lo = 0
-            for rel, part in parts:
+            for names, part in parts:
                 rows = range(lo, lo + len(part))
                 for kind, array in zip(kinds, out):
-                    self.save_array(array.select(rows), rel.replace("losses", kind))
+                    self.save_array(array.select(rows), names.base(kind))
                 lo += len(part)
             return {}
 
         with self.run.stage("base_losses") as st:
             st.info.update(self.cached_stage("base_losses", inputs, arrays, (), compute))
 
-    def signals(self, examples: Examples, base: str, reference: Ragged | str | None = None) -> scorers.Signals:
-        """What an offline scorer reads for `examples`: the stored base signals at rel path `base`, and the
-        reference's losses (an array, or the rel path of a stored one)."""
-        entropy = base.replace("losses", "entropy")
+    def signals(self, examples: Examples, names: Arrays, reference: Ragged | None = None) -> scorers.Signals:
+        """What an offline scorer reads for `examples`: the stored base signals, the reference's losses, and what a
+        scorer that runs models of its own needs (XTF)."""
+        def stored(rel):
+            return self.load_array(rel) if self.run.has_array(rel) else None
+
         return scorers.Signals(
-            self, examples, base_losses=self.load_array(base) if self.run.has_array(base) else None,
-            reference_losses=self.load_array(reference) if isinstance(reference, str) else reference,
-            base_entropy=self.load_array(entropy) if self.run.has_array(entropy) else None)
+            examples, base_losses=stored(names.base_losses), base_entropy=stored(names.base_entropy),
+            reference_losses=reference,
+            cfg=self.cfg, accelerator=self.acc, tokenizer=self.tokenizer, base_dir=self.base_dir)
 
     def save_array(self, array: Ragged, rel: str) -> None:
         self.run.save_array(array, rel, self.array_meta(rel))
@@ -348,7 +351,7 @@ class Job:
         """Per-token arrays carry the fingerprints of the data and tokenizer they were computed from (and, for the
         base's own signals, of the base model); an array whose fingerprints differ is refused on load."""
         meta = {"data_fingerprint": self.run.data["data_fingerprint"], "tokenizer_fingerprint": self.tokenizer_fp}
-        if rel.endswith(("/base", "base_losses", "base_entropy")):
+        if carries_base_fingerprint(rel):
             meta["model_fingerprint"] = self.base_fp
         return meta
 
@@ -370,21 +373,21 @@ class Job:
         return OnlineSelector(self.scorer.online_score, cached, target, s.method, s.keep_ratio, s.threshold,
                               self.cfg.scorer.online_scope, s.temperature)
 
-    def finish_online(self, selector, prefix: str) -> dict:
+    def finish_online(self, selector, names: Arrays) -> dict:
         """Store what an online selector chose (its scores and decisions, as when each token was trained)."""
         selector.finish(self.acc)
-        self.save_array(selector.scores_ragged(), f"{prefix}scores")
-        self.save_array(selector.keep_ragged(), f"{prefix}keep")
+        self.save_array(selector.scores_ragged(), names.scores)
+        self.save_array(selector.keep_ragged(), names.keep)
         return selector.summary()
 
     @timed("select")
-    def save_scored(self, scored: scorers.Scored | None, keep: Ragged, prefix: str) -> None:
-        """The decision (keep mask or weights) and what the scorer produced, under the rel `prefix`."""
+    def save_scored(self, scored: scorers.Scored | None, keep: Ragged, names: Arrays) -> None:
+        """The decision (keep mask or weights) and what the scorer produced."""
         for rel, array in (scored.arrays.items() if scored else ()):
-            self.save_array(array, prefix + rel)
+            self.save_array(array, names.scorer_array(rel))
         if scored is not None and scored.scores is not None:
-            self.save_array(scored.scores, f"{prefix}scores")
-        self.save_array(keep, f"{prefix}keep")
+            self.save_array(scored.scores, names.scores)
+        self.save_array(keep, names.keep)
 
     # -- metrics -----------------------------------------------------------------------------------------------------
     @timed("eval")
@@ -503,8 +506,8 @@ def setup(cfg: Config, run_dir: Path, config_dict: dict) -> Job:
         return Job(cfg, run_dir, config_dict, timers)
 
 
-def finish(job: Job, summary: dict, parts: list[tuple[Examples, str]]) -> dict:
-    """Write cleaned.parquet and report.html over `parts` (examples, the rel prefix of their arrays), summary.json,
+def finish(job: Job, summary: dict, parts: list[tuple[Examples, Arrays]]) -> dict:
+    """Write cleaned.parquet and report.html over `parts` (examples, the names of their arrays), summary.json,
     and close the tracker."""
     d = job.data
     summary.update(seconds=round(time.perf_counter() - job.started, 1), run_dir=str(job.run.path),
@@ -521,21 +524,21 @@ def finish(job: Job, summary: dict, parts: list[tuple[Examples, str]]) -> dict:
     return summary
 
 
-def write_reports(job: Job, parts: list[tuple[Examples, str]]) -> None:
+def write_reports(job: Job, parts: list[tuple[Examples, Arrays]]) -> None:
     """cleaned.parquet (the decisions as labels) and report.html (every token, coloured by its decision)."""
     def stored(rel, default):
         return job.load_array(rel) if job.run.has_array(rel) else default
 
     ids, target, keep, scores, reasons = [], [], [], [], {}
-    for examples, prefix in parts:
+    for examples, names in parts:
         ids.append(examples.input_ids)
         target.append(examples.target)
-        keep.append(stored(prefix + "keep", examples.target))   # e.g. round 0: every response token
+        keep.append(stored(names.keep, examples.target))   # e.g. round 0: every response token
         nan = np.full(len(examples.target.values), np.nan, np.float32)
-        scores.append(stored(prefix + "scores", examples.target.like(nan)))
+        scores.append(stored(names.scores, examples.target.like(nan)))
         for label, rel in job.scorer.reasons if job.scored else ():
-            if job.run.has_array(prefix + rel):
-                reasons.setdefault(label, []).append(job.load_array(prefix + rel))
+            if job.run.has_array(names.scorer_array(rel)):
+                reasons.setdefault(label, []).append(job.load_array(names.scorer_array(rel)))
     cat = Ragged.concat
     if any(k.values.dtype != bool for k in keep):   # soft weights: a round kept whole weighs 1
         keep = [k.like(np.asarray(k.values, np.float32)) for k in keep]

@@ -26,7 +26,7 @@ import numpy as np
 from tokenclean.config import ConfigError, FirstReference, RoundLora, RoundSchedule
 from tokenclean.data import Examples
 from tokenclean.io import atomic_write_text
-from tokenclean.pipelines import fixed
+from tokenclean.pipelines import artefacts, fixed
 from tokenclean.pipelines.job import Job, check_keeps_some
 from tokenclean.train import plan_steps
 
@@ -56,7 +56,7 @@ def run(job: Job) -> tuple[dict, list]:
     if job.acc.is_main_process and not (job.run.path / "final").exists():
         os.symlink(f"round_{rounds[-1]}/model", job.run.path / "final")
     job.acc.wait_for_everyone()
-    return summarize(job, rounds), [(c, f"round_{t}/") for t, c in zip(rounds, chunks)]
+    return summarize(job, rounds), [(c, artefacts.chunk(t)) for t, c in zip(rounds, chunks)]
 
 
 def make_chunks(job: Job) -> tuple[list[Examples], list[np.ndarray]]:
@@ -84,6 +84,7 @@ def make_chunks(job: Job) -> tuple[list[Examples], list[np.ndarray]]:
 def train_round(job: Job, t: int, first: int, chunks: list[Examples], indices: list[np.ndarray],
                 round_steps: list[int]) -> None:
     p, stage, k = job.cfg.pipeline, f"round_{t}", t - first     # k: the chunk this round trains
+    names = artefacts.chunk(t)
     chunk = chunks[k]
     previous = job.run.path / ("reference" if t == first else f"round_{t - 1}/model")
     continue_adapter = t > 0 and job.cfg.model.lora.enabled and p.lora == RoundLora["continue"]
@@ -95,23 +96,23 @@ def train_round(job: Job, t: int, first: int, chunks: list[Examples], indices: l
                                 steps_total=sum(round_steps) if continuous else None)
         selector, scores, keep = None, None, chunk.target
         for kind in ("losses", "entropy") if first else ():   # this chunk's rows of the pool's base signals
-            pool_rel, rel = fixed.BASE.replace("losses", kind), f"{stage}/base_{kind}"
+            pool_rel, rel = artefacts.POOL.base(kind), names.base(kind)
             if job.run.has_array(pool_rel) and not job.run.has_array(rel):
                 job.save_array(job.load_array(pool_rel).select(indices[k]), rel)
         if t == 0:
             st.info["eval_base"] = job.evaluate(model.model, "base", round_index=0)
-            job.base_signals(model.model, [(f"round_{r}/base_losses", chunks[r]) for r in range(1, len(chunks))])
+            job.base_signals(model.model, [(artefacts.chunk(r), chunks[r]) for r in range(1, len(chunks))])
         elif job.scored and job.scorer.online:   # ranked per batch while this round trains: no reference pass
-            selector = job.online_selector(chunk.target, job.load_array(f"{stage}/base_losses"))
+            selector = job.online_selector(chunk.target, job.load_array(names.base_losses))
         else:
             # the warm-up model's losses on this chunk, as the reference stage stored them (not recomputed)
-            stored = job.load_array(fixed.REFERENCE).select(indices[k]) if t == first else None
-            scores, keep = select_round(job, model.model, stage, chunk, stored)
+            stored = job.load_array(artefacts.POOL.reference_losses).select(indices[k]) if t == first else None
+            scores, keep = select_round(job, model.model, t, chunk, stored)
         trained = job.fit(model, chunk, keep, stage, round_index=t, online=selector)
         st.info.update(trained)
         if selector is not None:
-            st.info.update(job.finish_online(selector, f"{stage}/"))
-            scores, keep = job.load_array(f"{stage}/scores"), job.load_array(f"{stage}/keep")
+            st.info.update(job.finish_online(selector, names))
+            scores, keep = job.load_array(names.scores), job.load_array(names.keep)
         # the held-out loss and the task accuracy every eval.every-th round and the last (the base: always, above)
         evaluated = t % job.cfg.eval.every == 0 or k == len(chunks) - 1
         ev = job.evaluate(model.model, stage, round_index=t) if evaluated else {}
@@ -122,9 +123,10 @@ def train_round(job: Job, t: int, first: int, chunks: list[Examples], indices: l
                                          steps=trained["steps"]))
 
 
-def select_round(job: Job, model, stage: str, chunk: Examples, stored_reference=None):
+def select_round(job: Job, model, t: int, chunk: Examples, stored_reference=None):
     """Score chunk t with the current model as the reference (or the `stored_reference` losses) and choose its
     tokens (once: a resumed round reads the stored decision back)."""
+    stage, names = f"round_{t}", artefacts.chunk(t)
     if not job.run.done(f"{stage}.select"):
         with job.run.stage(f"{stage}.select") as st:
             scored = None
@@ -133,12 +135,12 @@ def select_round(job: Job, model, stage: str, chunk: Examples, stored_reference=
                 if job.scorer.needs_reference:
                     if reference is None:
                         reference = job.losses(model, chunk, f"{stage} reference losses")
-                    job.save_array(reference, f"{stage}/reference_losses")
-                scored = job.scorer.score(job.signals(chunk, f"{stage}/base_losses", reference))
+                    job.save_array(reference, names.reference_losses)
+                scored = job.scorer.score(job.signals(chunk, names, reference))
                 st.info.update(scored.info)
-            job.save_scored(scored, job.decide(scored, chunk.target, job.stage_seed(stage)), f"{stage}/")
-    scores = job.load_array(f"{stage}/scores") if job.run.has_array(f"{stage}/scores") else None
-    return scores, job.load_array(f"{stage}/keep")
+            job.save_scored(scored, job.decide(scored, chunk.target, job.stage_seed(stage)), names)
+    scores = job.load_array(names.scores) if job.run.has_array(names.scores) else None
+    return scores, job.load_array(names.keep)
 
 
 def summarize(job: Job, trained: list[int]) -> dict:

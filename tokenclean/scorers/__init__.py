@@ -28,12 +28,16 @@ from tokenclean.ragged import Ragged
 
 @dataclass
 class Signals:
-    """What a pipeline hands an offline scorer for one set of examples (the training pool, or a round's chunk)."""
-    job: Any                                # the running job (tokenclean.pipelines.job.Job): config, models, devices
+    """What a pipeline hands an offline scorer for one set of examples (the training pool, or a round's chunk): the
+    per-token signals the pipeline computed, and for a scorer that runs a model of its own (XTF) what that takes."""
     examples: Any                           # tokenclean.data.Examples: input_ids and the response mask (target)
     base_losses: Ragged | None = None       # l(x_j; base), NaN outside the response
     reference_losses: Ragged | None = None  # l(x_j; reference)
     base_entropy: Ragged | None = None      # entropy of the base's prediction at j
+    cfg: Config | None = None               # the run's config (scorer.<name>, model, training.score_batch_size, seed)
+    accelerator: Any = None                 # accelerate.Accelerator: the device and the processes
+    tokenizer: Any = None                   # the base's tokenizer
+    base_dir: str | None = None             # the base model's HF checkpoint directory
 
 
 @dataclass

@@ -224,9 +224,10 @@ def attributes(accelerator, base_dir: str, mcfg, x, input_ids: Ragged, target: R
 
 
 def score(signals: Signals) -> Scored:
-    job, ex, x = signals.job, signals.examples, signals.job.cfg.scorer.xtf
-    found = attributes(job.acc, job.base_dir, job.cfg.model, x, ex.input_ids, ex.target, signals.base_losses,
-                       job.tokenizer, job.cfg.training.score_batch_size, job.pad_id, job.cfg.seed)
+    ex, cfg, tokenizer = signals.examples, signals.cfg, signals.tokenizer
+    x = cfg.scorer.xtf
+    found = attributes(signals.accelerator, signals.base_dir, cfg.model, x, ex.input_ids, ex.target,
+                       signals.base_losses, tokenizer, cfg.training.score_batch_size, tokenizer.pad_token_id, cfg.seed)
     decisions = {k: found[k] for k in ("kn_noise", "ri_noise", "tr_noise", "keep")}
     kn, ri, tr = found["kn"], found["ri"], found["tr"]
     is_t = np.asarray(ex.target.values, bool)
