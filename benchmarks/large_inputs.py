@@ -139,7 +139,7 @@ def data_stage(data: str, model: str) -> dict:
     from tokenclean.assets import resolve_model
     from tokenclean.config import Config, DataConfig
     from tokenclean.models import load_tokenizer
-    from tokenclean.pipelines.job import read_data, tokenize_data
+    from tokenclean.pipelines.inputs import read_data, tokenize_data
 
     tokenizer = load_tokenizer(resolve_model(model))
     cfg = Config(data=DataConfig(train=data, max_length=2048, eval_size=64, warmup_fraction=0.2))

@@ -115,7 +115,8 @@ def main() -> None:
     from tokenclean.dist import make_accelerator
     from tokenclean.losses import TokenLoss, length_batches
     from tokenclean.models import load_model, load_tokenizer
-    from tokenclean.pipelines.job import read_data, stage_seed, tokenize_data
+    from tokenclean.pipelines.inputs import read_data, tokenize_data
+    from tokenclean.pipelines.job import stage_seed
     from tokenclean.ragged import Ragged
     from tokenclean.train import micro_batches, plan_steps
 

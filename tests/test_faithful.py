@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import tokenclean.__main__ as cli
 from tests.cli import TINY, load_array, run_cli, same_weights
 from tokenclean.config import TrainingConfig, validate
-from tokenclean.pipelines.job import read_data, tokenize_data, uses_warmup
+from tokenclean.pipelines.inputs import read_data, tokenize_data, uses_warmup
 
 ARMS = ("full", "random", "rho", "fixed", "self_evolving", "self_evolving_published")
 
