@@ -8,7 +8,7 @@ from tests.cli import TINY, load_array, run_cli
 from tests.conftest import random_examples
 from tokenclean import losses as L
 from tokenclean.dist import batch_or_placeholder
-from tokenclean.losses import TokenLoss, collate, token_losses
+from tokenclean.losses import TokenLoss, collate, length_batches, packed_batches, token_losses
 from tokenclean.ragged import Ragged
 
 
@@ -122,6 +122,27 @@ def test_empty_packed_batch_gives_connected_zero(tiny_lm):
     loss.backward()
     assert lm.lm_head.weight.grad is not None and lm.model.layers[0].mlp.up_proj.weight.grad is not None
     assert lm.lm_head.weight.grad.abs().sum() == 0
+
+
+def test_packed_batches_fill_rows_and_collate_lays_them_out_as_planned():
+    """Scoring batches: every example once; `rows` rows of the longest example's width per batch, exactly as
+    collate(packed=True) lays the list out (next-fit reproduces best-fit decreasing); far fewer padded positions than
+    length-grouped batches of a skewed set (many short examples, a few long ones, as a self-evolving chunk has)."""
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(2, 40, 200), rng.integers(100, 257, 20)])
+    ids = Ragged.from_list([np.arange(n, dtype=np.int32) for n in lengths], np.int32)
+    tgt = Ragged.from_list([np.ones(n, bool) for n in lengths], bool)
+    batches = packed_batches(lengths, rows=8)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    shapes = [tuple(collate(ids, tgt, b, packed=True, width=lengths.max())["input_ids"].shape) for b in batches]
+    assert all(w == lengths.max() for _, w in shapes)
+    assert all(r == 8 for r, _ in shapes[:-1]) and 1 <= shapes[-1][0] <= 8
+    padded = sum(r * w for r, w in shapes) - lengths.sum()
+    grouped = sum(int(np.prod(collate(ids, tgt, b, packed=True)["input_ids"].shape))
+                  for b in length_batches(lengths, 8)) - lengths.sum()   # each as wide as its longest
+    assert padded < grouped / 3, (padded, grouped)
+    np.testing.assert_array_equal(np.concatenate(packed_batches(lengths, 8)), np.concatenate(batches))
+    assert packed_batches(np.array([], np.int64), 8) == []
 
 
 @pytest.mark.parametrize("entropy", [False, True])

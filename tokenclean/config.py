@@ -161,7 +161,8 @@ class TrainingConfig:
                                      #   warmup_ratio), the reference code's count (the paper_* presets)
     mixed_precision: MixedPrecision = MixedPrecision.auto  # auto: bf16 where the hardware has it
     gradient_checkpointing: bool = False
-    score_batch_size: int = 16       # examples per forward pass when computing per-token losses
+    score_batch_size: int = 16       # rows per forward pass when computing per-token losses, each as wide as the
+                                     #   longest example and packed with shorter ones (XTF's attention: examples)
     loss_chunk_size: int = 2048      # response positions per LM-head chunk (bounds the logits held in memory)
     loss_kernel: LossKernel = LossKernel.auto  # the LM head + cross-entropy: fused (Liger Kernel's fused linear
                                      #   cross-entropy, CUDA, the gpu extra) | chunked (loss_chunk_size) | auto: fused

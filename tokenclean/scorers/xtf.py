@@ -29,7 +29,7 @@ import numpy as np
 
 from tokenclean.config import ConfigError, check
 from tokenclean.dist import gather, not_sharded
-from tokenclean.losses import collate, rank_batches
+from tokenclean.losses import collate, length_batches, rank_batches
 from tokenclean.models import load_model
 from tokenclean.ragged import Ragged
 from tokenclean.scorers import Scored, Scorer, Signals
@@ -169,7 +169,7 @@ def attention_received(accelerator, lm, input_ids: Ragged, target: Ragged, batch
     lm.eval()
     mine = []
     try:
-        for idx, real in rank_batches(accelerator, input_ids.lengths, batch_size, desc):
+        for idx, real in rank_batches(accelerator, length_batches(input_ids.lengths, batch_size), desc):
             batch = collate(input_ids, target, idx, pad_id)
             attn = batch["attention_mask"].to(accelerator.device)
             acc_state.update(attn=attn.float(), sum=None)
