@@ -198,7 +198,8 @@ def _fused_head_ce(head: nn.Linear, h: torch.Tensor, y: torch.Tensor, cap) -> to
                                             softcap=cap if cap else None, accum_dtype=torch.float32)
 
 
-def collate(input_ids: Ragged, weights, indices, pad_id: int = 0, packed: bool = False, width: int | None = None) -> dict:
+def collate(input_ids: Ragged, weights, indices, pad_id: int = 0, packed: bool = False,
+            width: int | None = None) -> dict:
     """The examples at `indices` as tensors: input_ids, and `mask`, the positions to compute losses at: where
     `weights` (a Ragged, or a dict example -> row) is True or nonzero, never an example's first token. For float
     weights also `weights`: those positions' weights in the order TokenLoss returns their losses (row-major, which
