@@ -161,7 +161,7 @@ def train(cfg, cdict, run_dir: Path) -> dict:
     """One arm through the real pipeline, in this process; returns its summary."""
     from tokenclean import pipelines, rundir
     try:
-        return pipelines.run(cfg, run_dir, cdict)[1]
+        return pipelines.run(cfg, run_dir, cdict)[1].to_json()
     finally:
         rundir.end_run()
 

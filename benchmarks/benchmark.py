@@ -570,7 +570,7 @@ def downstream(model: str = "tiny", source: str = "builtin:chatterbot", n_train:
             cfg, cdict = _compose(model, base + ov + [f"seed={seed}", f"name=bench-{tag}-{seed}", "resume=false"])
             run_dir = work / "runs" / f"{tag}-s{seed}"
             t0 = time.perf_counter()
-            _, summary = pipelines.run(cfg, run_dir, cdict)
+            summary = pipelines.run(cfg, run_dir, cdict)[1].to_json()
             row = {"method": name, "seed": seed, "eval_loss": summary["eval_loss_after"],
                    "eval_loss_base": summary["eval_loss_before"], "kept_ratio": summary["kept_ratio"],
                    "seconds": round(time.perf_counter() - t0, 1)}

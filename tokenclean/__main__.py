@@ -74,7 +74,7 @@ def app(cfg: DictConfig) -> None:
     finally:
         rundir.end_run()
     if job.acc.is_main_process:
-        print(format_summary(summary))
+        print(summary.lines())
 
 
 def typed_config(cfg: DictConfig):
@@ -112,40 +112,6 @@ def fail(code: int, message: str) -> None:
     """One line on stderr, no traceback: what is wrong and the way out."""
     print(f"tokenclean: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(code)
-
-
-def format_summary(s: dict) -> str:
-    def f(x, fmt="{:.4f}"):
-        return "n/a" if x is None else fmt.format(x)
-
-    lines = [f"tokenclean: {s['pipeline']} pipeline finished in {s['seconds']:.0f}s"]
-    if s.get("rounds"):
-        for r in s["rounds"]:
-            lines.append(f"  round {r['round']}: kept {r['tokens_kept']:,}/{r['tokens_target']:,} tokens, "
-                         f"held-out loss {f(r.get('eval_loss'))}")
-    lines += [
-        f"  response tokens scored   {s.get('tokens_scored', 0):,}",
-        f"  response tokens kept     {s['tokens_kept']:,} of {s['tokens_target']:,} ({s['kept_ratio']:.1%})",
-        f"  held-out loss            {f(s.get('eval_loss_before'))} (base) -> {f(s.get('eval_loss_after'))} (cleaned)",
-    ]
-    if s.get("eval_loss_reference") is not None:
-        lines.append(f"  held-out loss reference  {f(s['eval_loss_reference'])}")
-    tasks = s.get("tasks") or {}
-    for task, after in (tasks.get("final") or {}).items():
-        before = tasks["base"][task]["acc"]
-        lines.append(f"  {'task ' + task:<24} {before:.4f} (base) -> {after['acc']:.4f} (cleaned) accuracy"
-                     + (f", {after['n']} documents" if "n" in after else ""))
-    pool = s.get("pool") or {}
-    if pool:
-        n, where = pool["warmup_examples"], {"file": "from data.warmup",
-                                             "carved": "carved from data.train, held out of every arm's pool"}
-        warm = f", warm-up set {n:,} examples {where[pool['warmup_source']]}" if n else ""
-        lines.append(f"  training pool            {pool['examples']:,} examples{warm}")
-    t = s.get("truncation", {})
-    if t.get("examples"):
-        lines.append(f"  truncated                {t['examples']} examples, {t['target_tokens']} response tokens lost")
-    lines += [f"  checkpoint               {s['checkpoint']}", f"  run directory            {s['run_dir']}"]
-    return "\n".join(lines)
 
 
 HYDRA_NOISE = ("reference_type=", "object_type=", "Config search path", "provider=", "See https://hydra.cc")

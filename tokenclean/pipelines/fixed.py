@@ -14,12 +14,13 @@ import time
 from tokenclean import selection
 from tokenclean.pipelines.artefacts import POOL
 from tokenclean.pipelines.job import Job, check_keeps_some
+from tokenclean.pipelines.summary import Summary
 
 # training keys that never change the reference's weights (logging, resumable states): not in its cache key
 BOOKKEEPING = ("log_every", "save_every", "keep_checkpoints")
 
 
-def run(job: Job) -> tuple[dict, list]:
+def run(job: Job) -> tuple[Summary, list]:
     check_keeps_some(job.cfg, job.data.train.target, "the pool")   # before the reference trains
     job.evaluate_base_tasks()
     if job.scored and job.scorer.needs_reference and not job.run.done("reference"):
@@ -104,22 +105,21 @@ def train_final(job: Job) -> None:
         st.info["tasks"] = job.evaluate_tasks(job.run.path / "final", "final")
 
 
-def summarize(job: Job) -> dict:
+def summarize(job: Job) -> Summary:
     run = job.run
     fin, sel = run.get("final"), run.get("select")
     if sel.get("online"):   # the decisions as each token was trained, counted over every trained occurrence
         kept, soft = fin["online_kept_total"], "weight_sum" in fin   # soft weights: kept is their sum
         sel = {"tokens_target": sel["tokens_target"], "tokens_kept": fin["tokens_kept"] if soft else kept,
                "kept_ratio": kept / max(fin["online_tokens_trained"], 1), **({"weight_sum": kept} if soft else {})}
-    out = {"pipeline": "fixed", "tokens_scored": job.data.train.n_targets if job.scored else 0,
-           "tokens_target": sel["tokens_target"], "tokens_kept": sel["tokens_kept"], "kept_ratio": sel["kept_ratio"],
-           **({"weight_sum": sel["weight_sum"]} if "weight_sum" in sel else {}),
-           "eval_loss_before": fin["eval_base"].get("eval_loss"),
-           "eval_loss_after": fin["eval_final"].get("eval_loss"), "checkpoint": str(run.path / "final")}
+    out = Summary("fixed", tokens_scored=job.data.train.n_targets if job.scored else 0,
+                  tokens_target=sel["tokens_target"], tokens_kept=sel["tokens_kept"], kept_ratio=sel["kept_ratio"],
+                  weight_sum=sel.get("weight_sum"), eval_loss_before=fin["eval_base"].get("eval_loss"),
+                  eval_loss_after=fin["eval_final"].get("eval_loss"), checkpoint=str(run.path / "final"))
     if run.done("reference"):
-        out["eval_loss_reference"] = run.get("reference")["eval_reference"].get("eval_loss")
+        out.eval_loss_reference = run.get("reference")["eval_reference"].get("eval_loss")
     if job.cfg.eval.tasks:
-        out["tasks"] = {"base": run.get("base_tasks")["tasks"], "final": fin["tasks"]}
+        out.tasks = {"base": run.get("base_tasks")["tasks"], "final": fin["tasks"]}
         if run.done("reference"):
-            out["tasks"]["reference"] = run.get("reference")["tasks"]
+            out.tasks["reference"] = run.get("reference")["tasks"]
     return out

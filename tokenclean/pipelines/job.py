@@ -33,6 +33,7 @@ from tokenclean.losses import TokenLoss, token_losses
 from tokenclean.models import load_model, load_tokenizer, model_fingerprint, save_checkpoint
 from tokenclean.pipelines.artefacts import Arrays, carries_base_fingerprint
 from tokenclean.pipelines.inputs import check_eval_tasks, check_warmup, data_inputs, read_data, tokenize_data
+from tokenclean.pipelines.summary import Summary
 from tokenclean.ragged import Ragged
 from tokenclean.report import write_cleaned, write_html
 from tokenclean.rundir import RunDir
@@ -405,21 +406,21 @@ def setup(cfg: Config, run_dir: Path, config_dict: dict) -> Job:
         return Job(cfg, run_dir, config_dict, timers)
 
 
-def finish(job: Job, summary: dict, parts: list[tuple[Examples, Arrays]]) -> dict:
+def finish(job: Job, summary: Summary, parts: list[tuple[Examples, Arrays]]) -> Summary:
     """Write cleaned.parquet and report.html over `parts` (examples, the names of their arrays), summary.json,
     and close the tracker."""
     d = job.data
-    summary.update(seconds=round(time.perf_counter() - job.started, 1), run_dir=str(job.run.path),
-                   pool={"examples": len(d.train), "warmup_source": d.warmup_source,
-                         "warmup_examples": len(d.warmup) if d.warmup is not None else None},
-                   truncation=job.data.truncation, malformed_records_skipped=job.data.skipped_records)
+    summary.seconds, summary.run_dir = round(time.perf_counter() - job.started, 1), str(job.run.path)
+    summary.pool = {"examples": len(d.train), "warmup_source": d.warmup_source,
+                    "warmup_examples": len(d.warmup) if d.warmup is not None else None}
+    summary.truncation, summary.malformed_records_skipped = d.truncation, d.skipped_records
     with job.timers.part("report"):
         if job.acc.is_main_process:
             write_reports(job, parts)
-    summary["timers"] = job.timers.summary()
+    summary.timers = job.timers.summary()
     if job.acc.is_main_process:
-        atomic_write_text(job.run.path / "summary.json", json.dumps(summary, indent=1))
-    job.tracker.finish(flat(summary))
+        atomic_write_text(job.run.path / "summary.json", json.dumps(summary.to_json(), indent=1))
+    job.tracker.finish(flat(summary.to_json()))
     return summary
 
 

@@ -28,10 +28,11 @@ from tokenclean.data import Examples
 from tokenclean.io import atomic_write_text
 from tokenclean.pipelines import artefacts, fixed
 from tokenclean.pipelines.job import Job, check_keeps_some
+from tokenclean.pipelines.summary import Summary
 from tokenclean.train import plan_steps
 
 
-def run(job: Job) -> tuple[dict, list]:
+def run(job: Job) -> tuple[Summary, list]:
     job.evaluate_base_tasks()
     chunks, indices = make_chunks(job)
     warm = job.cfg.pipeline.first_reference == FirstReference.warmup
@@ -143,22 +144,21 @@ def select_round(job: Job, model, t: int, chunk: Examples, stored_reference=None
     return scores, job.load_array(names.keep)
 
 
-def summarize(job: Job, trained: list[int]) -> dict:
+def summarize(job: Job, trained: list[int]) -> Summary:
     rounds = [{"round": t, **job.run.get(f"round_{t}")} for t in trained]
     last = trained[-1]
     kept, target = sum(r["tokens_kept"] for r in rounds), sum(r["tokens_target"] for r in rounds)
     weight = sum(r.get("weight_sum", r["tokens_kept"]) for r in rounds)   # soft weights (a whole round weighs 1)
-    out = {"pipeline": "self_evolving",
-           "rounds": [{**{k: r.get(k) for k in ("round", "tokens_target", "tokens_kept", "kept_ratio", "eval_loss")},
-                       **({"weight_sum": r["weight_sum"]} if "weight_sum" in r else {})} for r in rounds],
-           "first_reference": str(job.cfg.pipeline.first_reference),
-           "tokens_scored": sum(r["tokens_target"] for r in rounds if r["round"] > 0), "tokens_target": target,
-           "tokens_kept": kept, "kept_ratio": weight / max(target, 1),
-           **({"weight_sum": weight} if any("weight_sum" in r for r in rounds) else {}),
-           "eval_loss_before": (job.run.get("reference") if trained[0] else rounds[0]).get("eval_base", {}).get(
-               "eval_loss"),
-           "eval_loss_after": rounds[-1].get("eval_loss"), "checkpoint": str(job.run.path / f"round_{last}/model")}
+    out = Summary(
+        "self_evolving", tokens_scored=sum(r["tokens_target"] for r in rounds if r["round"] > 0), tokens_target=target,
+        tokens_kept=kept, kept_ratio=weight / max(target, 1),
+        weight_sum=weight if any("weight_sum" in r for r in rounds) else None,
+        eval_loss_before=(job.run.get("reference") if trained[0] else rounds[0]).get("eval_base", {}).get("eval_loss"),
+        eval_loss_after=rounds[-1].get("eval_loss"), checkpoint=str(job.run.path / f"round_{last}/model"),
+        first_reference=str(job.cfg.pipeline.first_reference),
+        rounds=[{**{k: r.get(k) for k in ("round", "tokens_target", "tokens_kept", "kept_ratio", "eval_loss")},
+                 **({"weight_sum": r["weight_sum"]} if "weight_sum" in r else {})} for r in rounds])
     if job.cfg.eval.tasks:
-        out["tasks"] = {"base": job.run.get("base_tasks")["tasks"], "final": rounds[-1]["tasks"],
-                        "rounds": {r["round"]: r["tasks"] for r in rounds if r.get("tasks")}}
+        out.tasks = {"base": job.run.get("base_tasks")["tasks"], "final": rounds[-1]["tasks"],
+                     "rounds": {r["round"]: r["tasks"] for r in rounds if r.get("tasks")}}
     return out
