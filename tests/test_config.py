@@ -83,3 +83,36 @@ def test_slurm_tasks_become_torch_ranks(tmp_path, monkeypatch):
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("9", "16", "1")
     assert os.environ["LOCAL_WORLD_SIZE"] == "8"
     assert os.environ["MASTER_ADDR"] == "node017" and os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
+
+
+def leaf_fields(cls, prefix=""):
+    from dataclasses import fields, is_dataclass
+    from typing import get_type_hints
+    for f in fields(cls):
+        hint = get_type_hints(cls)[f.name]
+        if is_dataclass(hint):
+            yield from leaf_fields(hint, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f.metadata.get("help", "")
+
+
+def test_every_field_is_documented_where_help_reads_it():
+    from tokenclean.config import Config
+    undocumented = [key for key, text in leaf_fields(Config) if len(text.split()) < 3]
+    assert not undocumented, f"give these fields a help text (config.doc): {undocumented}"
+
+
+def test_help_lists_every_field_with_the_composed_value_and_its_help():
+    """`tokenclean --help` with overrides: each field as `key = value` (the overrides applied), its choices and its
+    help text; `$` in a help text survives Hydra's string.Template."""
+    from tokenclean.config import Config
+    proc = subprocess.run([sys.executable, "-m", "tokenclean", "model=tiny", "selection.keep_ratio=0.3", "--help"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for key, _ in leaf_fields(Config):
+        assert f"\n  {key} = " in out, key
+    assert "\n  selection.keep_ratio = 0.3\n" in out and "\n  model.name_or_path = builtin:tiny\n" in out
+    assert "\n  selection.method = global   (global | sample | threshold | random | all | soft)\n" in out
+    assert "share of response tokens kept" in out and "($TOKENCLEAN_CACHE/scores" in out
+    assert "\n  name = fixed-influence-global-tiny\n" in out   # interpolations resolved

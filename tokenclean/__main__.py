@@ -35,8 +35,20 @@ def _model_tag(name_or_path: str) -> str:
     return name_or_path.split(":", 1)[1] if name_or_path.startswith("builtin:") else Path(name_or_path).name
 
 
+def _field_docs(*, _root_) -> str:
+    """`tokenclean --help`'s field list with the composed values (the overrides given with --help applied); `$`
+    doubled, since Hydra fills the help template with string.Template."""
+    def value_of(key):
+        try:
+            return OmegaConf.select(_root_, key, throw_on_missing=True)
+        except OmegaConfBaseException:   # a required field left unset, an interpolation that cannot resolve
+            return "???"
+    return tokenclean.config.field_docs(value_of).replace("$", "$$")
+
+
 if not OmegaConf.has_resolver("model_tag"):
     OmegaConf.register_new_resolver("model_tag", _model_tag)
+    OmegaConf.register_new_resolver("tokenclean_fields", _field_docs)
 
 
 def _setup_logging() -> None:

