@@ -168,6 +168,7 @@ def run_arm(name: str, cfg, cdict, run_dir: Path, oracle_keep=None) -> dict:
     pipeline commits its own, then the fixed pipeline trains on it."""
     from tokenclean import pipelines, rundir, selection
     from tokenclean.pipelines import fixed
+    from tokenclean.pipelines.artefacts import POOL
     from tokenclean.pipelines.job import finish, setup
     try:
         if oracle_keep is None:
@@ -176,7 +177,7 @@ def run_arm(name: str, cfg, cdict, run_dir: Path, oracle_keep=None) -> dict:
         if not job.run.done("select"):
             with job.run.stage("select") as st:
                 keep = oracle_keep(job)
-                job.save_scored(None, keep, "")
+                job.save_scored(None, keep, POOL)
                 st.info.update(selection.summary(keep, job.data.train.target))
         summary, parts = fixed.run(job)
         return finish(job, summary, parts)
