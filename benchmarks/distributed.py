@@ -1,7 +1,8 @@
 """Distributed runs on this machine: the same tiny self-evolving job on 1 process and on 2 (DDP, ZeRO-2, ZeRO-3 with
 the weight matrices really sharded) over gloo, launched as tests/test_distributed.py launches them
 (`accelerate launch --config_file launch/<config>.yaml ... -m tokenclean`); wall and pipeline seconds, and how far
-each 2-process run's keep masks and weights are from the 1-process run's. Writes <out>.md.
+each 2-process run's keep masks and weights are from the 1-process run's. Rewrites its section of <out>.md (the
+rest of the file, written by hand, stays).
 
   python -m benchmarks.distributed --out results/distributed              # 2 repeats of each, interleaved
 
@@ -22,8 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import ROOT, code_commit, command, launch_command, launch_environment, provenance, table
+from benchmarks.common import (
+    ROOT,
+    code_commit,
+    command,
+    launch_command,
+    launch_environment,
+    provenance,
+    table,
+    write_section,
+)
 
+TITLE = "# Distributed runs on CPU: 1 process vs DDP, ZeRO-2, ZeRO-3 (gloo)\n"
 ROUNDS = 3
 JOB = ["model=tiny", "tracking=none", "pipeline=self_evolving", f"pipeline.chunks={ROUNDS}", "data.limit=200",
        "training.micro_batch_size=2", "training.loss_chunk_size=64", "cache=false"]   # tests/test_distributed.py's
@@ -99,7 +110,7 @@ def main(argv=None) -> None:
             c = compare(ref, dirs[name])
             rows_c.append([name, "equal" if c["masks_equal"] else "**DIFFERENT**", f"{c['rel_fro']:.1e}",
                            f"{c['abs_max']:.1e}", f"{c['eval_loss'][1]:.6f} (1 process: {c['eval_loss'][0]:.6f})"])
-    lines = ["# Distributed runs on CPU: 1 process vs DDP, ZeRO-2, ZeRO-3 (gloo)", "",
+    lines = ["## 1 process vs DDP, ZeRO-2, ZeRO-3", "",
              *provenance(command("distributed", argv), commit),
              f"The job (tests/test_distributed.py's): `{' '.join(JOB)}`: 136 training examples over {ROUNDS} rounds, "
              "64 held out, micro-batch 2 (gradient accumulation), LM-head chunks of 64. Each configuration ran "
@@ -116,9 +127,7 @@ def main(argv=None) -> None:
              "These runs check correctness and plumbing; speed-ups need a model whose compute dominates and real "
              "devices. The first DeepSpeed start on a new machine also compiles its shm comm op once (about a "
              "minute; cached in ~/.cache/torch_extensions)."]
-    text = "\n".join(lines) + "\n"
-    a.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_section("run", "\n".join(lines), a.out.with_suffix(".md"), title=TITLE)
 
 
 if __name__ == "__main__":
