@@ -29,21 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import METHODS, compose
+
 log = logging.getLogger("benchmarks.accuracy")
 
-MODELS = {"smollm2": "smollm2", "tiny": "tiny"}
-# (overrides) per method: every arm runs through the real pipelines, on the same pool and the same warm-up file
-METHODS = {
-    "full": ["selection=all"],
-    "random": ["selection=random"],
-    "fixed (influence)": ["scorer=influence"],
-    "self-evolving (influence)": ["scorer=influence", "pipeline=self_evolving"],
-    "rho (online)": ["scorer=rho"],
-    "self_online": ["scorer=self_online"],
-    "xtf": ["scorer=xtf"],
-    "entropy": ["scorer=entropy"],
-    "soft (influence)": ["scorer=influence", "selection=soft"],
-}
 # settings chosen on dev: (the method it is tried with, the override, the values); the chosen value goes to every arm
 DEV_KNOBS = {
     "keep_ratio": ("fixed (influence)", "selection.keep_ratio", [0.4, 0.6, 0.8]),
@@ -51,22 +40,6 @@ DEV_KNOBS = {
     "temperature": ("soft (influence)", "selection.temperature", [0.25, 0.5, 1.0]),
 }
 RANDOM_AT = "random at {}'s ratio"
-
-
-def compose(model: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    import tokenclean.__main__ as cli
-    from tokenclean import scorers
-    from tokenclean.config import validate
-    with initialize_config_dir(config_dir=cli.conf_dir(), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=[f"model={MODELS[model]}", "tracking=none", *overrides])
-    typed = OmegaConf.to_object(cfg)
-    validate(typed)
-    scorers.validate(typed)
-    return typed, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
 def run(args, command: str) -> dict:
@@ -365,7 +338,7 @@ def plot(rows, base, path: Path, meta) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
     ap.add_argument("--tasks", nargs="+", default=["sciq", "arc_easy"])
     ap.add_argument("--per-task", type=int, default=100, help="training records per task")
     ap.add_argument("--warmup", type=int, default=30, help="clean warm-up records per task (the references)")

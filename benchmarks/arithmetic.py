@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import stats
-from benchmarks.accuracy import compose
+from benchmarks.common import code_commit, compose, package_versions
 
 log = logging.getLogger("benchmarks.arithmetic")
 
@@ -371,22 +371,6 @@ def run(args, command: str) -> dict:
                 cleanup(run_dir)
     write_report(state, out)
     return state
-
-
-def package_versions() -> dict:
-    """The versions of the packages that decide the numbers: a rebuilt environment can move them as a commit can."""
-    from importlib.metadata import version
-    return {p: version(p) for p in ("torch", "transformers", "accelerate", "lm_eval", "gguf", "numpy")}
-
-
-def code_commit() -> str:
-    """The commit of the code this process runs (with "+dirty" when files differ from it): each row records it."""
-    import subprocess
-    here = Path(__file__).resolve().parent.parent
-    head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True)
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
 
 
 def cleanup(run_dir: Path) -> None:

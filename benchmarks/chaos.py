@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+from benchmarks.common import ROOT, code_commit, launch_command, launch_environment
+
 SCRIPTS = ROOT / "tests" / "scripts"
 ROUNDS = 3
 JOB = ["model=tiny", "tracking=none", "pipeline=self_evolving", f"pipeline.chunks={ROUNDS}", "data.limit=200",
@@ -49,24 +47,8 @@ TARGETED = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def environment(cache: Path) -> dict:
-    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("ACCELERATE_")}
-    env.update(TOKENCLEAN_CACHE=str(cache), WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false", TOKENCLEAN_TIMEOUT="120")
-    return env
-
-
 def command(run_dir: Path, script: Path | None = None) -> list[str]:
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "launch" / "ddp.yaml"), "--num_processes", "2",
-           "--main_process_port", str(free_port())]
-    return cmd + ([str(script)] if script else ["-m", "tokenclean"]) + JOB + [f"hydra.run.dir={run_dir}"]
+    return launch_command("ddp.yaml", ["--num_processes", "2"], script) + JOB + [f"hydra.run.dir={run_dir}"]
 
 
 def attempt(run_dir: Path, env: dict, fault: tuple[str, str] | None, delay: float | None, log) -> dict:
@@ -152,7 +134,7 @@ def soak(n_lives: int, seed: int, work: Path, log_path: Path, targeted=TARGETED)
     rng = np.random.default_rng(seed)
     model_cache = work / "model_cache"
     subprocess.run([sys.executable, "-c", "from tokenclean.assets import resolve_model; resolve_model('builtin:tiny')"],
-                   env=environment(model_cache), check=True, cwd=ROOT)
+                   env=launch_environment(model_cache), check=True, cwd=ROOT)
 
     def fresh_cache(name):   # the built tiny model only: every score is computed afresh
         shutil.copytree(model_cache, work / name)
@@ -161,12 +143,12 @@ def soak(n_lives: int, seed: int, work: Path, log_path: Path, targeted=TARGETED)
     lives = []
     with open(log_path, "w") as log:
         ref_cache = fresh_cache("cache_ref")
-        first = attempt(work / "ref", environment(ref_cache), None, None, log)
+        first = attempt(work / "ref", launch_environment(ref_cache), None, None, log)
         assert first["rc"] == 0, f"the uninterrupted run failed: see {log_path}"
         duration = first["seconds"]
         for life in range(n_lives):
             cache, run_dir = fresh_cache(f"cache_{life}"), work / f"run_{life}"
-            env, starts = environment(cache), []
+            env, starts = launch_environment(cache), []
             fault = targeted[life % len(targeted)]
             starts.append(attempt(run_dir, env, fault, float(rng.uniform(3, 12)) if fault[1].startswith("slow:")
                                   else None, log))
@@ -220,7 +202,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "chaos")
     args = ap.parse_args(argv)
-    from benchmarks.arithmetic import code_commit
     work = args.work or Path(tempfile.mkdtemp(prefix="chaos-"))
     state = soak(args.lives, args.seed, work, work / "soak.log")
     state.update(command="python -m benchmarks.chaos " + " ".join(argv if argv is not None else sys.argv[1:]),

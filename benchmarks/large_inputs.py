@@ -3,6 +3,8 @@
   python -m benchmarks.large_inputs generate --records 1000000 --out /tmp/sft_1m.jsonl
   python -m benchmarks.large_inputs measure /tmp/sft_1m.jsonl [--src DIR] [--cap-gb 20]
   python -m benchmarks.large_inputs data /tmp/sft_1m.jsonl     # the data stage alone (read_data + tokenize_data)
+  python -m benchmarks.large_inputs report --records 50000 200000    # generate, measure and data at each size;
+                                                                       # rewrites its section of results/large_inputs.md
 
 `measure` runs `python -m tokenclean model=tiny tracking=none data=file data.train=FILE data.eval_size=64
 data.warmup_fraction=0.2 selection=all training.max_steps=1` in a fresh process (from the source tree DIR, default
@@ -154,9 +156,50 @@ def data_stage(data: str, model: str) -> dict:
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
+def report(sizes: list[int], work: Path, out: Path, argv: list[str]) -> None:
+    """At each size: the file generated (seed 0, kept in `work`), `measure` on this checkout and `data` in a fresh
+    process; one section of `out` with both tables, the command and the commit."""
+    from benchmarks.common import code_commit, command, machine, table, write_section
+    commit, started = code_commit(), time.perf_counter()
+    runs, stages = [], []
+    for n in sizes:
+        data = work / f"sft_{n}.jsonl"
+        if not data.exists():
+            generate(n, str(data))
+        runs.append(measure(str(data), ROOT, None))
+        print(json.dumps(runs[-1]), flush=True)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.large_inputs", "data", str(data)], cwd=ROOT,
+                              capture_output=True, text=True, check=True)
+        stages.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(stages[-1]), flush=True)
+    size = {50_000: "50k", 200_000: "200k", 1_000_000: "1M"}
+    rows_cli = [[size.get(n, f"{n:,}"), r["rc"], f"{r.get('data_ready_s', float('nan')):.0f} s",
+                 f"{r.get('first_step_s', float('nan')):.0f} s", f"{r['wall_s']:.0f} s", f"{r['peak_rss_gb']:.2f} GB"]
+                for n, r in zip(sizes, runs)]
+    rows_data = [[size.get(n, f"{n:,}"), f"{d['tokens'] / 1e6:.1f}M", f"{d['token_arrays_gb']:.3f} GB",
+                  f"{d['read_s']:.0f}", f"{d['data_s']:.0f}", f"{d['rss_before_gb']:.2f} GB",
+                  f"{d['peak_rss_gb']:.2f} GB"]
+                 for n, d in zip(sizes, stages)]
+    lines = [f"## Re-run at commit {commit}: {', '.join(size.get(n, str(n)) for n in sizes)} records", "",
+             f"Command: `{command('large_inputs', argv)}`", "", f"Commit: {commit}.", "",
+             "This checkout only (no before/after: the sections below compare the code before and after the change "
+             "that bounded the memory, at the commits they name). Files from `generate` (seed 0); `measure` runs "
+             "the CLI command of the next section in a fresh process, `data` the data stage alone in another. "
+             f"Whole report: {time.perf_counter() - started:.0f} s.", "",
+             *table(["records", "exit", "data ready", "first step", "whole run", "peak RSS"], rows_cli), "",
+             *table(["records", "tokens", "token arrays", "data stage: reading (s)", "data stage: all (s)",
+                     "RSS before reading", "data stage peak RSS"], rows_data), "",
+             f"Machine: {machine()}."]
+    write_section("rerun", "\n".join(lines), out, title="# Large inputs\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("report", help="generate, measure and data at each size; rewrites a section of --out")
+    r.add_argument("--records", type=int, nargs="+", default=[50_000, 200_000])
+    r.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where the generated files go")
+    r.add_argument("--out", type=Path, default=ROOT / "results" / "large_inputs.md")
     g = sub.add_parser("generate")
     g.add_argument("--records", type=int, required=True)
     g.add_argument("--out", required=True)
@@ -169,7 +212,9 @@ def main() -> None:
     s.add_argument("data")
     s.add_argument("--model", default="builtin:tiny", help="whose tokenizer (builtin:tiny or a local HF dir)")
     args = ap.parse_args()
-    if args.cmd == "generate":
+    if args.cmd == "report":
+        report(args.records, args.work, args.out, sys.argv[1:])
+    elif args.cmd == "generate":
         generate(args.records, args.out, args.seed)
     elif args.cmd == "data":
         print(json.dumps(data_stage(args.data, args.model)), flush=True)

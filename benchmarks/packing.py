@@ -22,16 +22,9 @@ import time
 
 import numpy as np
 
+from benchmarks.common import code_commit, command, compose, provenance
+
 LAYOUTS = ("padded", "packed", "one row")
-
-
-def load_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from tokenclean.__main__ import conf_dir  # also registers the config schema and the model_tag resolver
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return OmegaConf.to_object(compose("config", overrides=["tracking=none", *overrides]))
 
 
 def make_batch(ids, target, idx, layout: str) -> dict:
@@ -120,7 +113,8 @@ def main() -> None:
     from tokenclean.ragged import Ragged
     from tokenclean.train import micro_batches, plan_steps
 
-    cfg = load_config(overrides)
+    commit = code_commit()
+    cfg = compose(None, overrides)[0]
     t = cfg.training
     path = resolve_model(cfg.model.name_or_path)
     data = tokenize_data(cfg, *read_data(cfg), load_tokenizer(path))
@@ -148,8 +142,7 @@ def main() -> None:
         timings[name] = positions(passes), *time_layouts(acc, model, passes, train)
         print(name, timings[name][:2], flush=True)
 
-    cmd = " ".join(["python -m benchmarks.packing", *sys.argv[1:]])
-    lines = [f"Command: `{cmd}`", "",
+    lines = [*provenance(command("packing", sys.argv[1:]), commit),
              f"Data: {cfg.data.train}, limit {cfg.data.limit}, max_length {cfg.data.max_length}: {len(data.train)} "
              f"pool, {len(data.warmup)} warm-up, {len(data.eval)} held-out examples. Model {cfg.model.name_or_path} "
              f"({model.config._attn_implementation} attention), batch {t.batch_size} (micro {t.micro_batch_size}), "

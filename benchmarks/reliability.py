@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, code_commit
+
 POOL_LINE = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
 
 
@@ -77,7 +78,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--records", type=int, default=200_000)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "reliability_figures")
     args = ap.parse_args(argv)
-    from benchmarks.arithmetic import code_commit
     from tokenclean.io import atomic_write_text
     state = {"command": "python -m benchmarks.reliability " + " ".join(argv if argv is not None else sys.argv[1:]),
              "commit": code_commit(), "lock": lock_refusal(args.records), "fuzz": fuzz()}

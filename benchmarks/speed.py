@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 
-MODELS = {"tiny": "builtin:tiny", "smollm2": "builtin:smollm2-135m-instruct"}
+from benchmarks.common import MODELS, code_commit, collect, command, provenance, spawn
 
 
 def _setup(model: str, examples: int, max_length: int):
@@ -26,7 +25,7 @@ def _setup(model: str, examples: int, max_length: int):
     from tokenclean.data import read_records, tokenize
     from tokenclean.models import load_tokenizer
 
-    path = resolve_model(MODELS[model])
+    path = resolve_model(MODELS[model].name_or_path)
     tok = load_tokenizer(path)
     records, _ = read_records("builtin:chatterbot", limit=examples)
     data = tokenize(records, tok, max_length)
@@ -70,29 +69,28 @@ def _measure(kind: str, model: str, precision: str, examples: int, max_length: i
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    ap.add_argument("--model", choices=["smollm2", "tiny"], default="tiny")
     ap.add_argument("--examples", type=int, default=400)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # kind,precision: measure in this process
-    a = ap.parse_args()
+    argv = list(argv if argv is not None else sys.argv[1:])
+    a = ap.parse_args(argv)
     if a.one:
         kind, precision = a.one.split(",")
         print(json.dumps(_measure(kind, a.model, precision, a.examples, a.max_length, a.batch)))
         return
-    rows = []
+    rows, commit = [], code_commit()
     for kind in ("score_chunked", "score_full_logits", "train"):
         for precision in ("no", "bf16"):
-            out = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--model", a.model, "--examples",
-                                  str(a.examples), "--max-length", str(a.max_length), "--batch", str(a.batch),
-                                  "--one", f"{kind},{precision}"], capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(collect(spawn("benchmarks.speed", ["--model", a.model, "--examples", str(a.examples),
+                                                           "--max-length", str(a.max_length), "--batch", str(a.batch),
+                                                           "--one", f"{kind},{precision}"]), f"{kind} {precision}"))
             print(rows[-1], flush=True)
-    cmd = " ".join(["python -m benchmarks.speed"] + sys.argv[1:])
-    lines = [f"# Throughput: {a.model}", "", f"Command: `{cmd}`", "",
+    lines = [f"# Throughput: {a.model}", "", *provenance(command("speed", argv), commit),
              f"{rows[0]['examples']} chatterbot examples, {rows[0]['tokens']} tokens ({rows[0]['response_tokens']} "
              f"response tokens), batch {a.batch}, max length {a.max_length}; tokens/s counts every input token.", "",
              "| pass | precision | seconds | tokens/s | peak RSS (MB) |", "|---|---|---|---|---|"]

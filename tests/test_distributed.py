@@ -20,9 +20,7 @@ comm op (~40 s, cached in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR).
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -32,30 +30,21 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.common import ACCELERATE, free_port, launch_command, launch_environment
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 ROUNDS = 3
 JOB = ["model=tiny", "tracking=none", "pipeline=self_evolving", f"pipeline.chunks={ROUNDS}", "data.limit=200",
        "training.micro_batch_size=2", "training.loss_chunk_size=64"]
 RTOL_FRO, ATOL_MAX = 1e-4, 1e-3
 
 
-def _free_port() -> int:
-    # other test sessions may run DDP on this machine at the same time: never the default 29500
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def dist_env(tmp_path_factory):
     """Environment for the launched processes: the tiny model built once per session into a private cache."""
     cache = tmp_path_factory.mktemp("tokenclean-cache")
-    launcher_keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher_keys and not k.startswith("ACCELERATE_")}
-    env.update(TOKENCLEAN_CACHE=str(cache), WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", TOKENCLEAN_TIMEOUT="120")  # a hang fails in 2 min
+    env = launch_environment(cache)     # no launcher variables inherited; a hang fails in 2 min
     subprocess.run([sys.executable, "-c", "from tokenclean.assets import resolve_model; resolve_model('builtin:tiny')"],
                    env=env, check=True, timeout=300, cwd=ROOT)
     assert (cache / "tiny-llama-v1" / "model.safetensors").is_file()
@@ -66,11 +55,7 @@ def launch(env, cwd: Path, args: list[str], config: str | None = None, launcher_
            timeout: int = 600, extra_env=None):
     """`accelerate launch [--config_file launch/<config>] [launcher_args] -m tokenclean <args>`; returns
     (returncode, output, seconds)."""
-    cmd = [ACCELERATE, "launch"]
-    if config:
-        cmd += ["--config_file", str(LAUNCH / config)]
-    cmd += [*launcher_args, "--main_process_port", str(_free_port())]
-    cmd += [script] if script else ["-m", "tokenclean"]
+    cmd = launch_command(config, launcher_args, script)
     t0 = time.perf_counter()
     p = subprocess.run(cmd + args, cwd=cwd, env={**env, **(extra_env or {})}, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, timeout=timeout)
@@ -259,7 +244,7 @@ def test_slurm_script_two_nodes_multinode_yaml(dist_env, reference, tmp_path):
         f.chmod(0o755)
     env = {**dist_env, "PATH": f"{fake}:{dist_env['PATH']}", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]",
            "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(tmp_path), "GPUS_PER_NODE": "1",
-           "MAIN_PORT": str(_free_port()), "ACCELERATE": ACCELERATE,
+           "MAIN_PORT": str(free_port()), "ACCELERATE": ACCELERATE,
            "ACCELERATE_CONFIG": str(LAUNCH / "multinode.yaml")}
     t0 = time.perf_counter()
     p = subprocess.run(["bash", str(LAUNCH / "slurm.sh"), *JOB, "name=slurm"], cwd=tmp_path, env=env, text=True,

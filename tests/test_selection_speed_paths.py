@@ -1,50 +1,14 @@
 """The fast selection paths (tokenclean/selection.py) against the simple implementation they replaced: the same
 keep masks, bit for bit, on random data with many ties, infinities, signed zeros, empty examples and examples
-without candidates, in float32 and float64, large enough to take the sampled-band path."""
+without candidates, in float32 and float64, large enough to take the sampled-band path. The simple implementation
+lives in benchmarks/selection_speed.py, which times it beside the fast paths."""
 import numpy as np
 import pytest
 
+from benchmarks.selection_speed import simple_keep_mask, simple_top_k
 from tokenclean import selection
 from tokenclean.ragged import Ragged
-from tokenclean.selection import keep_mask, kept_count
-
-
-# -- the simple implementation (float64 copies, lexsort), as it was before the fast paths ------------------------------
-def simple_keep_mask(scores: Ragged, target: Ragged, method: str, keep_ratio: float = 1.0, threshold=None):
-    is_target = np.asarray(target.values, dtype=bool)
-    cand = np.flatnonzero(is_target)
-    keep = np.zeros(len(is_target), dtype=bool)
-    s = np.asarray(scores.values, dtype=np.float64)[cand]
-    assert not np.isnan(s).any()
-    if method == "global":
-        keep[cand[simple_top_k(s, kept_count(len(cand), keep_ratio))]] = True
-    elif method == "sample":
-        keep[cand[simple_top_k_per_group(s, target.example_ids()[cand], keep_ratio)]] = True
-    elif method == "threshold":
-        keep[cand[s > threshold]] = True
-    return keep
-
-
-def simple_top_k(s, k):
-    n = len(s)
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if k >= n:
-        return np.arange(n)
-    kth = np.partition(s, n - k)[n - k]
-    above = np.flatnonzero(s > kth)
-    ties = np.flatnonzero(s == kth)[: k - len(above)]
-    return np.sort(np.concatenate([above, ties]))
-
-
-def simple_top_k_per_group(s, group, ratio):
-    order = np.lexsort((np.arange(len(s)), -s, group))
-    sizes = np.bincount(group)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    g = group[order]
-    rank = np.arange(len(s)) - starts[g]
-    k = kept_count(sizes, ratio)
-    return np.sort(order[rank < k[g]])
+from tokenclean.selection import keep_mask
 
 
 # -- random data -------------------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
-"""The known-truth benchmark: injections tracked to the exact tokens, metrics by hand, a CI-sized run."""
+"""The known-truth benchmark (benchmarks/injection.py, benchmarks/detection.py): injections tracked to the exact tokens,
+metrics by hand, a CI-sized run."""
 import csv
 import json
 
 import numpy as np
 import pytest
 
-from benchmarks import benchmark as B
+from benchmarks import detection as D
+from benchmarks import injection as B
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_detection_metrics_by_hand():
     truth = np.array([0, 0, 0, 0, 1, 1, 3, 3])
     noise = np.array([0.1, 0.2, 0.9, 0.3, 0.8, 0.7, 0.05, 0.6])
     dropped = np.array([False, False, True, False, True, False, False, True])
-    m = B.detection_metrics(noise, dropped, truth)
+    m = D.detection_metrics(noise, dropped, truth)
     # injected {4,5,6,7} vs clean {0,1,2,3}: pairs won: 0.8 > 3 of 4 clean (loses to .9), 0.7: 3, 0.05: 0, 0.6: 3
     assert m["auc"] == pytest.approx(9 / 16)
     assert m["auc_random"] == pytest.approx(6 / 8)               # kind 1 = random: 0.8 and 0.7 vs the clean 4
@@ -58,20 +60,24 @@ def test_detection_metrics_by_hand():
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 4)
     assert m["recall_random"] == pytest.approx(0.5) and m["recall_duplicate"] == pytest.approx(0.5)
     assert m["clean_dropped"] == pytest.approx(1 / 4) and m["dropped"] == pytest.approx(3 / 8)
-    none = B.detection_metrics(None, np.zeros(8, bool), truth)
+    none = D.detection_metrics(None, np.zeros(8, bool), truth)
     assert np.isnan(none["auc"]) and np.isnan(none["precision"]) and none["recall"] == 0
 
 
 def test_ci_sized_detection_run_writes_the_table(tmp_path):
     out = tmp_path / "scorers_ci"
-    rows = B.detect("tiny", n_train=40, n_warmup=24, out=str(out), self_evolving_ref=False, command="ci")
+    rows = D.detect("tiny", n_train=40, n_warmup=24, out=str(out), self_evolving_ref=False, command="ci")
     names = [r["scorer"] for r in rows]
     assert names[0].startswith("full") and any(n.startswith("rho online") for n in names)
     assert any(n.startswith("self_online") for n in names) and any(n.startswith("xtf (union") for n in names)
+    # every scorer of tokenclean/scorers/ has a row
+    from tokenclean import scorers
+    assert {n.split(" ")[0].split(",")[0] for n in names} >= set(scorers.names())
     by = {r["scorer"]: r for r in rows}
     assert by["full (selection=all)"]["dropped"] == 0
     # ratio scorers drop 40% (floor of 60% kept: a little more than 40%), per sample a little more again
-    for n in ("random (selection=random)", "influence, global (fixed)", "rho online (l_cur - l_ref)"):
+    for n in ("random (selection=random)", "influence, global (fixed)", "rho online (l_cur - l_ref)",
+              "entropy (-H_base), global"):
         assert 0.4 <= by[n]["dropped"] < 0.42
     # the offline "rho" ranks the same score within samples: same AUC, other dropped set
     assert by["rho offline = influence, sample"]["auc"] == by["influence, global (fixed)"]["auc"]
@@ -80,7 +86,7 @@ def test_ci_sized_detection_run_writes_the_table(tmp_path):
             if k.startswith("auc") and not np.isnan(v):
                 assert 0 <= v <= 1
     md = out.with_suffix(".md").read_text()
-    assert md.count("\n| ") == len(rows) + 1 and "```\nci\n```" in md
+    assert md.count("\n| ") == len(rows) + 1 and "Command: `ci`" in md and "Commit: " in md
     with open(out.with_suffix(".csv")) as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     meta = json.loads((tmp_path / "scorers_ci.json").read_text())["meta"]
