@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import METHODS, compose
+from benchmarks.common import METHODS, code_commit, commits_line, compose
 
 log = logging.getLogger("benchmarks.accuracy")
 
@@ -121,7 +121,7 @@ def run_method(args, state, state_path, work, common, chosen, name, seed, score,
     acc = score(summary["checkpoint"])
     if not args.keep_runs:
         remove_checkpoints(work / "runs" / f"{tag}-s{seed}")
-    row = {"method": name, "seed": seed, "kept_ratio": summary["kept_ratio"], "tasks": acc,
+    row = {"method": name, "seed": seed, "commit": code_commit(), "kept_ratio": summary["kept_ratio"], "tasks": acc,
            "seconds": round(time.perf_counter() - started, 1)}
     state["rows"] = [r for r in state["rows"] if (r["method"], r["seed"]) != (name, seed)] + [row]
     save(state, state_path)
@@ -260,7 +260,7 @@ def write_report(state: dict, out: Path) -> None:
     n_docs = sum(len(base["documents"][t]) for t in names)
     dev = state.get("dev") or {}
     lines = [f"# Task accuracy after cleaning: {meta['model']}, noisy SFT from {', '.join(names)}", "",
-             "Commands:", "", "```", *meta["commands"], "```", "",
+             "Commands:", "", "```", *meta["commands"], "```", "", commits_line(state["rows"]), "",
              f"Training pool: {sum(c['train'] for c in meta['data'].values())} records "
              f"({', '.join(t + ' ' + str(c['train']) for t, c in meta['data'].items())}), "
              f"noise rate {meta['noise_rate']} "

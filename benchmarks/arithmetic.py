@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import stats
-from benchmarks.common import code_commit, compose, package_versions
+from benchmarks.common import code_commit, commits_line, compose, package_versions
 
 log = logging.getLogger("benchmarks.arithmetic")
 
@@ -397,7 +397,7 @@ def write_report(state: dict, out: Path) -> None:
     full = by.get("full", {})
     oracle = by.get("oracle", {})
     lines = [f"# Noisy arithmetic, where the reference can know the truth: {meta['model']}", "",
-             "Commands:", "", "```", *meta["commands"], "```", "",
+             "Commands:", "", "```", *meta["commands"], "```", "", commits_line(state["rows"]), "",
              f"Data (seed {meta['seed']}): {meta['counts']['warmup']} clean warm-up problems, a pool of "
              f"{meta['counts']['pool']} ({meta['noise']['wrong_sum']} with a wrong sum, "
              f"{meta['noise']['random_words']} with three random words after the answer, {meta['noise']['clean']} "

@@ -223,6 +223,14 @@ def command(module: str, argv: list[str]) -> str:
     return f"python -m benchmarks.{module}" + ("" if not argv else " " + shlex.join(argv))
 
 
+def commits_line(rows: list[dict]) -> str:
+    """Which commits the rows of a resumable results file ran at (each row records its own)."""
+    commits = sorted({r["commit"] for r in rows if r.get("commit")})
+    missing = sum(not r.get("commit") for r in rows)
+    return (f"Commits the rows ran at: {', '.join(commits) or 'none recorded'}"
+            + (f" ({missing} rows ran before the harness recorded a row's commit)" if missing else "") + ".")
+
+
 def provenance(cmd: str, commit: str | None = None) -> list[str]:
     """The lines a results file (or section) starts with: the exact command, the commit, the machine."""
     return [f"Command: `{cmd}`", "", f"Commit: {commit or code_commit()}. Machine: {machine()}.", ""]

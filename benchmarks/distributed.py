@@ -101,6 +101,8 @@ def main(argv=None) -> None:
                 dirs.setdefault(name, run_dir)
                 print(f"{name} #{r}: wall {wall:.1f} s, pipeline {pipeline:.1f} s", flush=True)
     ref = dirs[next(iter(CONFIGS))]
+    s_ref = json.loads((ref / "summary.json").read_text())
+    pool = s_ref["pool"]
     rows_t, rows_c = [], []
     for name, ts in times.items():
         w, p = [x[0] for x in ts], [x[1] for x in ts]
@@ -112,8 +114,10 @@ def main(argv=None) -> None:
                            f"{c['abs_max']:.1e}", f"{c['eval_loss'][1]:.6f} (1 process: {c['eval_loss'][0]:.6f})"])
     lines = ["## 1 process vs DDP, ZeRO-2, ZeRO-3", "",
              *provenance(command("distributed", argv), commit),
-             f"The job (tests/test_distributed.py's): `{' '.join(JOB)}`: 136 training examples over {ROUNDS} rounds, "
-             "64 held out, micro-batch 2 (gradient accumulation), LM-head chunks of 64. Each configuration ran "
+             f"The job (tests/test_distributed.py's): `{' '.join(JOB)}`: a pool of {pool['examples']} examples "
+             f"({s_ref['tokens_target']:,} response tokens) in {ROUNDS} rounds, {pool['warmup_examples']} more carved "
+             "as a warm-up set (unused: round 0 trains on every token of its chunk), 64 held out, micro-batch 2 "
+             "(gradient accumulation), LM-head chunks of 64. Each configuration ran "
              f"{a.repeats} times, interleaved; min / median seconds. Wall: the whole `accelerate launch` command; "
              "pipeline: the run itself (summary.json `seconds`, after start-up, imports and process-group set-up). "
              f"Whole benchmark: {time.perf_counter() - started:.0f} s.", "",

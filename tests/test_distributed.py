@@ -2,9 +2,10 @@
 (`accelerate launch --config_file launch/<config>.yaml -m tokenclean ...`), each checked against the same run on one
 process: identical keep masks every round, the same weights after every round, the same held-out losses.
 
-The job is a whole self-evolving run (3 rounds) of the tiny model on 136 chatterbot examples, with
-training.micro_batch_size=2 (gradient accumulation; in the uneven last step of a round one rank gets an empty
-micro-batch) and training.loss_chunk_size=64 (several LM-head chunks per forward, unevenly many on the two ranks).
+The job is a whole self-evolving run (3 rounds) of the tiny model on a pool of 109 chatterbot examples
+(data.limit=200 less 64 held out and a 27-example warm-up split), with training.micro_batch_size=2 (gradient
+accumulation; in the uneven last step of a round one rank gets an empty micro-batch) and training.loss_chunk_size=64
+(several LM-head chunks per forward, unevenly many on the two ranks).
 
 Tolerance. Everything is fp32 on CPU. Two processes compute the same sums in another order (per-rank partial sums,
 then an all-reduce), so the weights differ by rounding, which AdamW amplifies only for weights whose gradient is
