@@ -5,7 +5,7 @@ Counts are exact: a ratio keeps floor(n * keep_ratio) tokens of the n candidates
 Ties are broken by position: among equal scores the token that comes first (earlier example, then earlier
 position) is kept, which is what the reference code's stable Python sort does, without its Python loop.
 
-Speed (benchmarks/performance.py, `topk`): scores are compared in their own floating dtype (float32 -> float64 is
+Speed (benchmarks/selection_speed.py): scores are compared in their own floating dtype (float32 -> float64 is
 exact and keeps the order, so a float64 copy would change nothing), and every rule is "keep what is above a cut
 value, then the ties at the cut in position order":
   global  the cut is the k-th largest candidate: a strided sample brackets it, then one pass over the scores in

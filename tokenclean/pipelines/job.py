@@ -17,10 +17,12 @@ import logging
 import math
 import platform
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 
 from tokenclean import evaluation, scorers, selection
 from tokenclean.assets import cache_root, resolve_model
@@ -343,8 +345,6 @@ class Job:
         """A cache key's inputs: `inputs` and what every cached stage depends on: the base model and tokenizer, the
         model group, tokenization, and the compute environment (precision, device, processes, library versions),
         since any of them can change the bits."""
-        from importlib.metadata import PackageNotFoundError, version
-
         def installed(package):
             try:
                 return version(package)
@@ -377,7 +377,6 @@ class Job:
                     **{f"{rel}/": f"{run / rel}/" for rel in dirs}}
             info = cache.restore(key, dest)
         if self.acc.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
             info = broadcast_object_list([info])[0]
         if info is not None:
             for rel in arrays.values():   # each array's sidecar, written last, holds this run's fingerprints
