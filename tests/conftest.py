@@ -1,9 +1,9 @@
 import os
 
 # One intra-op thread per process, in this process (set before torch is imported) and in every CLI run and launch
-# it starts: the tests' models are tiny, and two OpenMP threads per process cost far more than they give. Measured
-# here on 2 cores with another job running: a scoring pass over 64 chatterbot examples took 1.49 s with 2 threads,
-# 0.05 s with 1. The pinned numbers hold either way (tests/test_loss_curve.py, tests/test_cli.py).
+# it starts: the tests' models are tiny, and two OpenMP threads per process cost far more than they give, most of
+# all when another process holds the other core. The pinned numbers hold either way (tests/test_loss_curve.py,
+# tests/test_cli.py).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402

@@ -254,9 +254,9 @@ class Config:
 def field_docs(value_of=None, cls=Config, prefix: str = "") -> str:
     """Every field of the config as `key = value  (its choices)` over its help text: the body of `tokenclean --help`.
     value_of(key) gives the composed value (default: the dataclass default)."""
-    out = []
+    out, hints = [], get_type_hints(cls)
     for f in fields(cls):
-        key, hint = prefix + f.name, get_type_hints(cls)[f.name]
+        key, hint = prefix + f.name, hints[f.name]
         if is_dataclass(hint):
             out.append(field_docs(value_of, hint, key + "."))
             continue

@@ -252,8 +252,9 @@ def packed_batches(lengths: np.ndarray, rows: int) -> list[np.ndarray]:
     these rows: a row's first example is the one that opened it, which fitted no earlier row when placed, nor later
     when that row was fuller. A forward holds at most rows x width tokens, as a length-grouped batch of the longest
     examples did; what changes is that short examples fill the long rows' tails instead of padded batches of their
-    own (a small set, such as a self-evolving chunk, padded up to 28% of its positions that way; 3-14% now).
-    Best-fit by buckets of free space: about 2 s per million examples on one CPU core."""
+    own (a small set, such as a self-evolving chunk, padded much of its positions that way; the reference passes'
+    cost is measured in results/performance.md, `python -m benchmarks.self_evolving_cost`). Best-fit by buckets
+    of free space, so a million examples take seconds, not a search over every row each."""
     order = np.argsort(-lengths, kind="stable")
     if len(order) == 0:
         return []

@@ -417,9 +417,10 @@ def finish(job: Job, summary: Summary, parts: list[tuple[Examples, Arrays]]) -> 
         if job.acc.is_main_process:
             write_reports(job, parts)
     summary.timers = job.timers.summary()
+    written = summary.to_json()
     if job.acc.is_main_process:
-        atomic_write_text(job.run.path / "summary.json", json.dumps(summary.to_json(), indent=1))
-    job.tracker.finish(flat(summary.to_json()))
+        atomic_write_text(job.run.path / "summary.json", json.dumps(written, indent=1))
+    job.tracker.finish(flat(written))
     return summary
 
 

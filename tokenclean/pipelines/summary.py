@@ -6,9 +6,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-# left out of summary.json where a run has no such thing
-OPTIONAL = ("weight_sum", "eval_loss_reference", "first_reference", "rounds", "tasks")
-
 
 @dataclass
 class Summary:
@@ -34,7 +31,9 @@ class Summary:
     timers: dict = dataclasses.field(default_factory=dict)      # Timers.summary(): wall and CPU seconds per part
 
     def to_json(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in OPTIONAL and v is None)}
+        """The fields as summary.json holds them; the optional ones (default None) only where a run has them."""
+        optional = {f.name for f in dataclasses.fields(self) if f.default is None}
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in optional and v is None)}
 
     def lines(self) -> str:
         """The closing summary the CLI prints."""
