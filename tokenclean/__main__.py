@@ -145,6 +145,13 @@ def composition_error(e: Exception) -> str:
 
 
 def main() -> None:
+    try:
+        run_app()
+    finally:
+        close_process_group()
+
+
+def run_app() -> None:
     # Hydra prints a composition error over several lines and exits 1; with HYDRA_FULL_ERROR it raises instead, so
     # a wrong override is the one-line error (exit 2) that every other user error is. A user who sets it gets
     # Hydra's own full report.
@@ -162,6 +169,15 @@ def main() -> None:
         fail(2, f"error: {where}{message}")
     finally:
         del os.environ["HYDRA_FULL_ERROR"]
+
+
+def close_process_group() -> None:
+    """Destroy the process group `accelerate launch` set up, once every run of this process is over (a Hydra sweep
+    runs several). Left to interpreter exit, gloo's threads are torn down unjoined and a rank can abort with
+    "terminate called without an active exception" after the run has finished (seen in CI)."""
+    torch = sys.modules.get("torch")    # not imported: --help, a config error; nothing to close
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

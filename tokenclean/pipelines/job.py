@@ -421,6 +421,7 @@ def finish(job: Job, summary: Summary, parts: list[tuple[Examples, Arrays]]) -> 
     if job.acc.is_main_process:
         atomic_write_text(job.run.path / "summary.json", json.dumps(written, indent=1))
     job.tracker.finish(flat(written))
+    job.acc.wait_for_everyone()     # every rank leaves together, so none tears its process group down mid-collective
     return summary
 
 
