@@ -73,8 +73,10 @@ def app(cfg: DictConfig) -> None:
     try:
         typed = typed_config(cfg)
         from tokenclean import pipelines
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        job, summary = pipelines.run(typed, run_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+        hydra_cfg = HydraConfig.get()
+        run_dir, command = Path(hydra_cfg.runtime.output_dir), ["tokenclean", *hydra_cfg.overrides.task]
+        job, summary = pipelines.run(typed, run_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                                     command)
     except UserError as e:   # every error a user can cause and fix: one line, no traceback
         fail(2, f"error: {e}")
     except OSError as e:

@@ -207,6 +207,10 @@ class PipelineConfig:
         "D_1 (the reference code at HEAD 29362ab) | warmup = the warm-up model (trained on data.warmup, as the fixed "
         "pipeline's reference) scores D_1 and training continues from it; every chunk is cleaned (the run behind "
         "the paper's numbers, 0f6e3be)")
+    train_final: bool = doc(True, "fixed: fine-tune the base on the cleaned labels (final/); false = score only: stop "
+                                  "after selection with cleaned.parquet and report.html, to train in another trainer "
+                                  "(python -m tokenclean.export). Set it true later and the same command trains the "
+                                  "final model from the stored decisions")
     lora: RoundLora = doc(RoundLora.merge, "self_evolving + LoRA: merge each round's adapter and start a fresh one "
                                            "(the reference code) | continue: keep training one adapter on the base")
 
@@ -375,6 +379,9 @@ def validate(cfg: Config) -> None:
     check(t.keep_checkpoints >= 1, "training.keep_checkpoints", t.keep_checkpoints, "must be at least 1")
 
     if p.name == PipelineName.self_evolving:
+        check(p.train_final, "pipeline.train_final", p.train_final,
+              "self-evolving rounds train the model that scores the next chunk, so they cannot only score; use "
+              "pipeline=fixed for score-only runs")
         check(p.chunk_sizes is None or p.chunk_fractions is None, "pipeline.chunk_fractions", p.chunk_fractions,
               "give pipeline.chunk_sizes (counts) or pipeline.chunk_fractions, not both")
         if p.chunk_sizes is not None:

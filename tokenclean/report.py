@@ -2,7 +2,9 @@
 
   cleaned.parquet  input_ids / attention_mask / labels (-100 on prompt and dropped tokens): the cleaned dataset, which
                    TRL's SFTTrainer (or any HF Trainer) uses as is; with selection.method=soft also `weights`, each
-                   token's float32 loss weight (0 on the prompt; labels are -100 where the weight is 0)
+                   token's float32 loss weight (0 on the prompt; labels are -100 where the weight is 0); and, for
+                   other tools (tokenclean.export), `response_mask` (1 on response tokens, kept or not) and
+                   `record_index` (the example's record in data.train, counting from 0)
   report.html      the first examples token by token: prompt grey, kept green, dropped red, the score (and XTF's
                    per-attribute decisions, when present) on hover
 """
@@ -17,7 +19,7 @@ from tokenclean.io import atomic_write, atomic_write_text
 from tokenclean.ragged import Ragged
 
 
-def write_cleaned(path: Path, input_ids: Ragged, keep: Ragged) -> None:
+def write_cleaned(path: Path, input_ids: Ragged, target: Ragged, keep: Ragged, record_indices: np.ndarray) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -27,7 +29,9 @@ def write_cleaned(path: Path, input_ids: Ragged, keep: Ragged) -> None:
     columns = {"input_ids": ids, "attention_mask": np.ones(len(ids), dtype=np.int8), "labels": labels}
     if keep.values.dtype != bool:   # soft weights
         columns["weights"] = np.asarray(keep.values, np.float32)
-    table = pa.table({k: pa.ListArray.from_arrays(offsets, pa.array(v)) for k, v in columns.items()})
+    columns["response_mask"] = np.asarray(target.values, dtype=np.int8)
+    table = pa.table({**{k: pa.ListArray.from_arrays(offsets, pa.array(v)) for k, v in columns.items()},
+                      "record_index": pa.array(np.asarray(record_indices, np.int64))})
     atomic_write(path, lambda f: pq.write_table(table, f))
 
 

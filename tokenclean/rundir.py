@@ -45,7 +45,19 @@ from tokenclean.config import UserError
 
 log = logging.getLogger("tokenclean")
 
-CONFIG_KEYS_NOT_AFFECTING_RESULTS = ("resume", "tracking", "name", "eval")
+# keys (dotted) whose values never change what a completed stage computed: a rerun that changes them resumes the run.
+# pipeline.train_final only says whether the final stage runs: a score-only run goes on to train it when set true.
+CONFIG_KEYS_NOT_AFFECTING_RESULTS = ("resume", "tracking", "name", "eval", "pipeline.train_final")
+
+
+def affects_results(key: str) -> bool:
+    return not any(key == k or key.startswith(k + ".") for k in CONFIG_KEYS_NOT_AFFECTING_RESULTS)
+
+
+def results_config(d: dict, prefix: str = "") -> dict:
+    """The config without the keys that do not affect results (what a run directory's identity is made of)."""
+    return {k: results_config(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in d.items()
+            if affects_results(f"{prefix}{k}")}
 WAY_OUT = "restore it, or start the run over with resume=false (which clears the run directory)"
 CHECKSUMS = "checksums.json"
 LOCK, LOCK_HEARTBEAT_S, LOCK_STALE_S = ".lock", 60, 600
@@ -293,7 +305,7 @@ def config_changes(saved: Path, now: dict, most: int = 6) -> str:
         out = {}
         for k, v in d.items():
             key = f"{prefix}{k}"
-            if key.split(".")[0] in CONFIG_KEYS_NOT_AFFECTING_RESULTS:
+            if not affects_results(key):
                 continue
             out.update(flat(v, f"{key}.") if isinstance(v, dict) else {key: v})
         return out
@@ -414,8 +426,7 @@ class RunDir:
         for p in list(self.path.rglob(".*.tmp*")):  # left by a killed run: never read, removed
             if io.STALE_TEMP.match(p.name):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        config_fp = io.fingerprint(json.dumps({k: v for k, v in config_dict.items()
-                                            if k not in CONFIG_KEYS_NOT_AFFECTING_RESULTS}, sort_keys=True))
+        config_fp = io.fingerprint(json.dumps(results_config(config_dict), sort_keys=True))
         old = read_manifest(self.manifest_path) if self.manifest_path.exists() and resume else None
         if old is not None:
             changes = input_changes(old.get("inputs", {}), inputs)

@@ -4,7 +4,8 @@
                 with a reference; the base's own losses on the pool come first, from the same weights in memory)
   2. select     score the pool once and choose its tokens -> scores, keep  (an online scorer chooses while step 3
                 trains instead; a baseline needs no scores)
-  3. final      fine-tune the base on the cleaned labels -> final/
+  3. final      fine-tune the base on the cleaned labels -> final/  (skipped with pipeline.train_final=false: a
+                score-only run, whose cleaned.parquet another trainer trains on)
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def run(job: Job) -> tuple[Summary, list]:
         train_reference(job)
     if not job.run.done("select"):
         select(job)
-    if not job.run.done("final"):
+    if job.cfg.pipeline.train_final and not job.run.done("final"):
         train_final(job)
     return summarize(job), [(job.data.train, POOL)]
 
@@ -107,19 +108,22 @@ def train_final(job: Job) -> None:
 
 def summarize(job: Job) -> Summary:
     run = job.run
-    fin, sel = run.get("final"), run.get("select")
+    fin, sel = run.get("final") if run.done("final") else None, run.get("select")
     if sel.get("online"):   # the decisions as each token was trained, counted over every trained occurrence
         kept, soft = fin["online_kept_total"], "weight_sum" in fin   # soft weights: kept is their sum
         sel = {"tokens_target": sel["tokens_target"], "tokens_kept": fin["tokens_kept"] if soft else kept,
                "kept_ratio": kept / max(fin["online_tokens_trained"], 1), **({"weight_sum": kept} if soft else {})}
+    reference = run.get("reference") if run.done("reference") else None
+    eval_base = fin["eval_base"] if fin else reference["eval_base"] if reference else {}
     out = Summary("fixed", tokens_scored=job.data.train.n_targets if job.scored else 0,
                   tokens_target=sel["tokens_target"], tokens_kept=sel["tokens_kept"], kept_ratio=sel["kept_ratio"],
-                  weight_sum=sel.get("weight_sum"), eval_loss_before=fin["eval_base"].get("eval_loss"),
-                  eval_loss_after=fin["eval_final"].get("eval_loss"), checkpoint=str(run.path / "final"))
-    if run.done("reference"):
-        out.eval_loss_reference = run.get("reference")["eval_reference"].get("eval_loss")
+                  weight_sum=sel.get("weight_sum"), eval_loss_before=eval_base.get("eval_loss"),
+                  eval_loss_after=fin["eval_final"].get("eval_loss") if fin else None,
+                  checkpoint=str(run.path / "final") if fin else None, final_trained=fin is not None)
+    if reference:
+        out.eval_loss_reference = reference["eval_reference"].get("eval_loss")
     if job.cfg.eval.tasks:
-        out.tasks = {"base": run.get("base_tasks")["tasks"], "final": fin["tasks"]}
-        if run.done("reference"):
-            out.tasks["reference"] = run.get("reference")["tasks"]
+        out.tasks = {"base": run.get("base_tasks")["tasks"], **({"final": fin["tasks"]} if fin else {})}
+        if reference:
+            out.tasks["reference"] = reference["tasks"]
     return out

@@ -430,9 +430,10 @@ def write_reports(job: Job, parts: list[tuple[Examples, Arrays]]) -> None:
     def stored(rel, default):
         return job.load_array(rel) if job.run.has_array(rel) else default
 
-    ids, target, keep, scores, reasons = [], [], [], [], {}
+    ids, target, keep, scores, records, reasons = [], [], [], [], [], {}
     for examples, names in parts:
         ids.append(examples.input_ids)
+        records.append(examples.record_indices)
         target.append(examples.target)
         keep.append(stored(names.keep, examples.target))   # e.g. round 0: every response token
         nan = np.full(len(examples.target.values), np.nan, np.float32)
@@ -443,7 +444,7 @@ def write_reports(job: Job, parts: list[tuple[Examples, Arrays]]) -> None:
     cat = Ragged.concat
     if any(k.values.dtype != bool for k in keep):   # soft weights: a round kept whole weighs 1
         keep = [k.like(np.asarray(k.values, np.float32)) for k in keep]
-    write_cleaned(job.run.path / "cleaned.parquet", cat(ids), cat(keep))
+    write_cleaned(job.run.path / "cleaned.parquet", cat(ids), cat(target), cat(keep), np.concatenate(records))
     write_html(job.run.path / "report.html", job.tokenizer, cat(ids), cat(target), cat(keep), cat(scores),
                {k: cat(v) for k, v in reasons.items() if len(v) == len(parts)}, title=job.run.path.name)
 

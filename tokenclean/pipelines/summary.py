@@ -16,12 +16,14 @@ class Summary:
     kept_ratio: float                    # kept / target (soft weights: their sum / target)
     eval_loss_before: float | None       # held-out loss of the base (None without an eval set)
     eval_loss_after: float | None        # held-out loss of the final checkpoint
-    checkpoint: str                      # the final model, an HF checkpoint directory
+    checkpoint: str | None               # the final model, an HF checkpoint directory (None: score only)
+    final_trained: bool = True           # False: score only (pipeline.train_final=false), no final model
     weight_sum: float | None = None      # soft weights: their sum (a round trained whole weighs 1 per token)
     eval_loss_reference: float | None = None   # fixed: the warm-up reference's held-out loss
     first_reference: str | None = None   # self-evolving: round0 | warmup (pipeline.first_reference)
     rounds: list[dict] | None = None     # self-evolving: round, tokens_target, tokens_kept, kept_ratio, eval_loss
     tasks: dict | None = None            # eval.tasks: {"base"|"reference"|"final": {task: scores}, "rounds": ...}
+    command: list[str] | None = None     # the command line that ran it (tokenclean and its overrides)
     # set by job.finish
     seconds: float = 0.0                 # the whole run, setup to report
     run_dir: str = ""
@@ -47,7 +49,8 @@ class Summary:
         out += [
             f"  response tokens scored   {self.tokens_scored:,}",
             f"  response tokens kept     {self.tokens_kept:,} of {self.tokens_target:,} ({self.kept_ratio:.1%})",
-            f"  held-out loss            {f(self.eval_loss_before)} (base) -> {f(self.eval_loss_after)} (cleaned)",
+            f"  held-out loss            {f(self.eval_loss_before)} (base) -> {f(self.eval_loss_after)} (cleaned)"
+            if self.final_trained else f"  held-out loss            {f(self.eval_loss_before)} (base)",
         ]
         if self.eval_loss_reference is not None:
             out.append(f"  held-out loss reference  {f(self.eval_loss_reference)}")
@@ -64,5 +67,8 @@ class Summary:
         if self.truncation.get("examples"):
             out.append(f"  truncated                {self.truncation['examples']} examples, "
                        f"{self.truncation['target_tokens']} response tokens lost")
-        out += [f"  checkpoint               {self.checkpoint}", f"  run directory            {self.run_dir}"]
+        out += [f"  checkpoint               {self.checkpoint}" if self.final_trained else
+                "  checkpoint               none: score only (pipeline.train_final=false); cleaned.parquet holds the "
+                "decisions, `python -m tokenclean.export` writes them for TRL, ms-swift or datasets",
+                f"  run directory            {self.run_dir}"]
         return "\n".join(out)

@@ -88,6 +88,9 @@ def validate(cfg: Config) -> None:
           f"scorer={scorer.name} runs in the {' and '.join(scorer.pipelines)} pipeline only; use pipeline="
           f"{scorer.pipelines[0]}, or a scorer that runs in {cfg.pipeline.name} (influence, self_online, entropy)")
     if scorer.online:
+        check(cfg.pipeline.train_final, "pipeline.train_final", cfg.pipeline.train_final,
+              f"scorer={scorer.name} chooses tokens while the final model trains (online), so there is nothing to "
+              "export without training it; score-only runs need an offline scorer (influence, entropy, xtf)")
         check(not (s.method in (Method.threshold, Method.soft) and cfg.scorer.online_scope == OnlineScope.micro),
               "scorer.online_scope",
               cfg.scorer.online_scope, f"selection.method={s.method} needs online_scope=step (the step's loss "
