@@ -94,17 +94,10 @@ def model_overrides(model: str) -> list[str]:
 # -- the config, as the command composes and checks it -------------------------------------------------------------
 def compose(model: str | None, overrides=()):
     """The tokenclean config for `model` (a MODELS name; None: the config's default model) with tracking off and
-    `overrides`, composed from conf/ and checked by the command's own `typed_config` (config.validate, the scorer's
-    checks, unknown keys). Returns (the typed Config, the resolved dict the run directory records)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    import tokenclean.__main__ as cli  # registers the schema and the model_tag resolver
-    with initialize_config_dir(config_dir=cli.conf_dir(), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=[*(model_overrides(model) if model else []), "tracking=none",
-                                                 *overrides])
-    return cli.typed_config(cfg), OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    `overrides`, composed and checked as the command does (tokenclean.api.compose). Returns (the typed Config, the
+    resolved dict the run directory records)."""
+    from tokenclean.api import compose as compose_config
+    return compose_config([*(model_overrides(model) if model else []), "tracking=none", *overrides])
 
 
 # -- child processes --------------------------------------------------------------------------------------------------

@@ -196,6 +196,26 @@ def test_soft_weights_ddp_two_processes_equal_one(dist_env, tmp_path, scorer):
     assert s_two["eval_loss_after"] == pytest.approx(s_one["eval_loss_after"], rel=1e-5)
 
 
+def test_score_only_two_processes_equal_one(dist_env, tmp_path):
+    """pipeline.train_final=false: the reference (trained on both ranks), then scoring with each rank scoring its
+    share of the pool and selection: the same scores, keep mask and cleaned.parquet as one process, no final/."""
+    import pyarrow.parquet as pq
+    job = ["model=tiny", "tracking=none", "data.limit=120", "data.eval_size=16", "training.micro_batch_size=2",
+           "pipeline.train_final=false", "cache=false"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_ok(dist_env, tmp_path, [*job, f"hydra.run.dir={one}"], config="single.yaml")
+    run_ok(dist_env, tmp_path, [*job, f"hydra.run.dir={two}"], config="ddp.yaml",
+           launcher_args=["--num_processes", "2"])
+    keep_one, keep_two = (np.load(d / "keep.values.npy") for d in (one, two))
+    assert 0 < keep_one.sum() < len(keep_one)
+    np.testing.assert_array_equal(keep_two, keep_one)
+    np.testing.assert_allclose(np.load(two / "scores.values.npy"), np.load(one / "scores.values.npy"),
+                               atol=1e-4, rtol=0)
+    assert pq.read_table(two / "cleaned.parquet").equals(pq.read_table(one / "cleaned.parquet"))
+    assert not (one / "final").exists() and not (two / "final").exists()
+    assert json.loads((two / "summary.json").read_text())["final_trained"] is False
+
+
 # ----------------------------------------------------------------------------------------------------------- failure
 FAIL_SCRIPT = str(ROOT / "tests" / "dist" / "fail_rank.py")
 
