@@ -1,4 +1,6 @@
 # Fresh machine: `make run` sets up .venv and runs the default job; `make test` runs the test suite.
+# `make data` fetches the data tokenclean reads out of packages it must not install (tokenclean/fetch.py):
+# `make eval-data` TruthfulQA alone (from the bigbench sdist), `make data` ShareGPT too.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -29,4 +31,10 @@ test: setup
 test-all: setup
 	$(BIN)/pytest -q -m ""
 
-.PHONY: setup run test test-all
+eval-data: setup
+	$(BIN)/python -m tokenclean.fetch truthfulqa
+
+data: setup
+	$(BIN)/python -m tokenclean.fetch truthfulqa sharegpt
+
+.PHONY: setup run test test-all eval-data data

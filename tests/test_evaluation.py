@@ -111,11 +111,15 @@ def test_few_shot_only_where_a_few_shot_split_ships(tiny_dir, no_model_load):
 
 
 @pytest.mark.parametrize("name, tasks", [("none", []), ("default", SMALL),
-                                         ("paper", ["mmlu", "arc_challenge", "hellaswag", "boolq"])])
-def test_hydra_presets_fit_the_schema(name, tasks):
+                                         ("paper", ["mmlu", "arc_challenge", "hellaswag", "boolq", "truthfulqa_mc1",
+                                                    "truthfulqa_mc2"])])
+def test_hydra_presets_fit_the_schema(name, tasks, monkeypatch):
     from omegaconf import OmegaConf
 
+    from tokenclean import fetch
     from tokenclean.config import EvalConfig
+
+    monkeypatch.setenv(fetch.ENV, str(REPO / "tests/data/fetched"))   # TruthfulQA: the two-question fixture
 
     preset = OmegaConf.load(REPO / f"conf/eval/{name}.yaml")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), preset))
@@ -157,6 +161,7 @@ LM_EVAL_CONFIGS = {
     "hellaswag": "hellaswag/hellaswag.yaml", "openbookqa": "openbookqa/openbookqa.yaml",
     "winogrande": "winogrande/default.yaml", "commonsense_qa": "commonsense_qa/default.yaml",
     "social_iqa": "siqa/siqa.yaml",
+    "truthfulqa_mc1": "truthfulqa/truthfulqa_mc1.yaml", "truthfulqa_mc2": "truthfulqa/truthfulqa_mc2.yaml",
     **{p.stem: f"mmlu/default/{p.name}" for p in (TASKS_DIR / "mmlu").glob("mmlu_*.yaml")},
 }
 OURS_ONLY = {"custom_dataset", "dataset_kwargs", "dataset_path", "dataset_name", "training_split", "test_split",
@@ -182,13 +187,17 @@ def test_configs_mirror_lm_evals_own():
     import lm_eval
 
     builtin = Path(lm_eval.__file__).parent / "tasks"
-    assert set(LM_EVAL_CONFIGS) - {n for n in LM_EVAL_CONFIGS if n.startswith("mmlu_")} == set(OFFLINE_TASKS) - {"mmlu"}
-    assert len(LM_EVAL_CONFIGS) == 11 + 57
+    assert set(LM_EVAL_CONFIGS) - {n for n in LM_EVAL_CONFIGS if n.startswith("mmlu_")} == \
+        set(OFFLINE_TASKS) - {"mmlu"} | {"truthfulqa_mc1", "truthfulqa_mc2"}
+    assert len(LM_EVAL_CONFIGS) == 13 + 57
     for task, rel in LM_EVAL_CONFIGS.items():
         ours = raw_config(TASKS_DIR / ("mmlu" if task.startswith("mmlu_") else "") / f"{task}.yaml")
         theirs = raw_config(builtin / rel)
         if task == "boolq":  # google/boolq's bool `answer` is super_glue's `label`
             assert (ours.pop("doc_to_target"), theirs.pop("doc_to_target")) == ("{{answer|int}}", "label")
+        if task == "truthfulqa_mc2":  # the same formula, our copy (lm-eval's utils imports sacrebleu, rouge_score)
+            assert (ours.pop("process_results"), theirs.pop("process_results")) == (
+                "tokenclean.tasks.truthfulqa.process_results_mc2", "lm_eval.tasks.truthfulqa.utils.process_results_mc2")
         metrics = [{k: v for k, v in m.items() if k == "metric"} for m in theirs.pop("metric_list")]
         assert [{"metric": m["metric"]} for m in ours.pop("metric_list")] == metrics, task
         for key in OURS_ONLY:

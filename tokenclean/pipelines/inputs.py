@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from tokenclean import evaluation, scorers
 from tokenclean.config import BASELINES, Config, ConfigError, FirstReference, PipelineName
 from tokenclean.data import Examples, read_conversations, split_indices, tokenize
@@ -51,7 +53,16 @@ def read_data(cfg: Config) -> tuple[dict, int]:
             records[split], s = read_conversations(source, d.format, d.on_error,
                                                    d.limit if split == "train" else None)
             skipped += s
+    if d.sample is not None:
+        records["train"] = sample(records["train"], d.sample, d.sample_seed)
     return records, skipped
+
+
+def sample(conversations, n: int, seed: int):
+    """A random n of `conversations` drawn with `seed` alone, in their file order (all of them if there are fewer)."""
+    if n >= len(conversations):
+        return conversations
+    return conversations.take(np.sort(np.random.default_rng(seed).choice(len(conversations), n, replace=False)))
 
 
 def data_inputs(cfg: Config, records: dict) -> dict:
