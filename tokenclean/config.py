@@ -144,13 +144,21 @@ class XTFConfig:
 
 
 @dataclass
+class ProfitConfig:
+    """ProFit (Utaotao/ProFit): train only the response tokens the current model already finds likely."""
+    tau: float = doc(0.1, "keep a token while training if its probability under the current model, exp(-loss), is at "
+                          "least tau (the reference code drops p < tau); the others carry no loss that step")
+
+
+@dataclass
 class ScorerConfig:
-    name: str = doc("influence", "a module of tokenclean/scorers/ (influence, rho, self_online, xtf, entropy): its "
-                                 "docstring says what it scores")
+    name: str = doc("influence", "a module of tokenclean/scorers/ (influence, rho, self_online, xtf, entropy, "
+                                 "profit): its docstring says what it scores")
     online_scope: OnlineScope = doc(OnlineScope.step, "online scorers: rank over the whole optimiser step (all "
                                     "micro-batches and ranks; a no-grad pre-pass when the step spans several "
                                     "forwards) | micro: each forward alone (tokenclean/scorers/online.py)")
     xtf: XTFConfig = field(default_factory=XTFConfig)
+    profit: ProfitConfig = field(default_factory=ProfitConfig)
 
 
 @dataclass

@@ -270,10 +270,14 @@ class Job:
         return selection.select(scored.scores if scored else None, target, s.method, s.keep_ratio, s.threshold,
                                 s.temperature, seed)
 
-    def online_selector(self, target: Ragged, cached: Ragged):
-        s = self.cfg.selection
-        return OnlineSelector(self.scorer.online_score, cached, target, s.method, s.keep_ratio, s.threshold,
-                              self.cfg.scorer.online_scope, s.temperature)
+    def online_selector(self, target: Ragged, names: Arrays):
+        """The online scorer's per-batch selector over `target`, with the losses its declaration caches (stored at
+        `names`: the base's, the reference's, or none) and its own rule where it has one."""
+        s, scorer = self.cfg.selection, self.scorer
+        cached = {"base": names.base_losses, "reference": names.reference_losses, None: None}[scorer.cached]
+        rule = scorer.online_rule(self.cfg) if scorer.online_rule is not None else None
+        return OnlineSelector(scorer.online_score, self.load_array(cached) if cached else None, target, s.method,
+                              s.keep_ratio, s.threshold, self.cfg.scorer.online_scope, s.temperature, rule=rule)
 
     def finish_online(self, selector, names: Arrays) -> dict:
         """Store what an online selector chose (its scores and decisions, as when each token was trained)."""

@@ -11,6 +11,7 @@ instead of comparing names. Adding a scorer is one module here, one YAML in conf
   self_online   l_base - l_current         (ssToken's REL)  cached l_base         online, per training batch
   xtf           KN, RI, TR union rule      (XTF)            base model only       offline, rules (own keep ratio)
   entropy       -H_base (predictive entropy)                base model only       offline, by selection.method
+  profit        p_current = exp(-l_current)    (ProFit)     nothing                online, own rule: p >= tau
   (baselines)   selection=random, selection=all            nothing                offline
 
 The reference is the fixed pipeline's warm-up model, or in self-evolving rounds the current model theta_t.
@@ -63,8 +64,11 @@ class Scorer:
     pipelines: tuple = ("fixed", "self_evolving")
     reasons: tuple = ()                 # (label, rel path of a bool array of the tokens it calls noise): the report
     score: Callable[[Signals], Scored] | None = None       # offline scorers
-    cached: str = "base"                # online scorers: the losses cached once, "base" or "reference" ...
-    online_score: Callable | None = None  # ... and score(cached, current) per batch (float64 arrays)
+    cached: str | None = "base"         # online scorers: the losses cached once, "base", "reference" or None ...
+    online_score: Callable | None = None  # ... and score(cached, current) per batch (float64 arrays; cached NaN
+    #                                       when None)
+    online_rule: Callable | None = None   # online + own_rules: rule(cfg) -> keep(scores) (bool), its own decision
+    #                                       per batch instead of selection.method (ProFit's probability threshold)
     validate: Callable[[Config], None] | None = None       # the scorer's own config checks (raise ConfigError)
 
 
@@ -88,9 +92,12 @@ def validate(cfg: Config) -> None:
           f"scorer={scorer.name} runs in the {' and '.join(scorer.pipelines)} pipeline only; use pipeline="
           f"{scorer.pipelines[0]}, or a scorer that runs in {cfg.pipeline.name} (influence, self_online, entropy)")
     if scorer.online:
-        check(not (s.method in (Method.threshold, Method.soft) and cfg.scorer.online_scope == OnlineScope.micro),
-              "scorer.online_scope",
-              cfg.scorer.online_scope, f"selection.method={s.method} needs online_scope=step (the step's loss "
-              "normaliser must be known before the first backward)")
+        # a rule whose count is known only once scored: the step's loss normaliser must be known before the
+        # first backward, which micro scope's first forward would need
+        counted_late = f"scorer={scorer.name} (its own rule)" if scorer.own_rules else \
+            f"selection.method={s.method}" if s.method in (Method.threshold, Method.soft) else None
+        check(not (counted_late and cfg.scorer.online_scope == OnlineScope.micro), "scorer.online_scope",
+              cfg.scorer.online_scope, f"{counted_late} needs online_scope=step (the step's loss normaliser must be "
+              "known before the first backward)")
     if scorer.validate is not None:
         scorer.validate(cfg)
