@@ -47,6 +47,7 @@ METHODS = {
     "entropy": ["scorer=entropy"],
     "soft (influence)": ["scorer=influence", "selection=soft"],
     "profit": ["scorer=profit"],
+    "forgetting": ["scorer=forgetting"],
 }
 
 

@@ -8,7 +8,8 @@ truth known per token); writes results/scorers*.md (+ .csv, .json, .png).
 Metrics over response tokens, "noise" = injected: ROC-AUC of each scorer's noise score (minus its keep score),
 overall and per kind (that kind against clean tokens), and precision / recall of the set the scorer drops at its
 configured ratio (recall per kind too), plus the share of clean tokens dropped. Every scorer of tokenclean/scorers/
-is a row (influence, rho, self_online, xtf, entropy, profit), beside the baselines (selection=all, selection=random).
+is a row (influence, rho, self_online, xtf, entropy, profit, forgetting), beside the baselines (selection=all,
+selection=random).
 """
 from __future__ import annotations
 
@@ -117,6 +118,8 @@ def detect(model: str = "tiny", source: str = "builtin:chatterbot", n_train: int
     add("influence, global (fixed)", -infl.values, sel(infl, "global"), "l_base - l_ref, clean warm-up reference")
     add("rho offline = influence, sample", -infl.values, sel(infl, "sample"),
         "same score, ranked within each sample (reference code's rho)")
+    add("forgetting = influence, global", -infl.values, sel(infl, "global"),
+        "influence's decision; what it drops is unlearned (weight -lambda(step)), not ignored (scorer=forgetting)")
 
     neg_h = scorers.get("entropy").score(scorers.Signals(examples=T, base_entropy=base_entropy)).scores
     add("entropy (-H_base), global", -neg_h.values, sel(neg_h, "global"),

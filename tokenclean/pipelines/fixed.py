@@ -96,7 +96,7 @@ def train_final(job: Job) -> None:
                 job.base_signals(model.model, [(POOL, d.train)])
             selector = job.online_selector(d.train.target, POOL)
         st.info.update(job.fit(model, d.train, d.train.target if online else job.load_array(POOL.keep), "final",
-                               online=selector))
+                               online=selector, names=POOL))
         if selector is not None:
             st.info.update(job.finish_online(selector, POOL))
             st.info.update(selection.summary(job.load_array(POOL.keep), d.train.target))

@@ -109,7 +109,7 @@ def train_round(job: Job, t: int, first: int, chunks: list[Examples], indices: l
             # the warm-up model's losses on this chunk, as the reference stage stored them (not recomputed)
             stored = job.load_array(artefacts.POOL.reference_losses).select(indices[k]) if t == first else None
             scores, keep = select_round(job, model.model, t, chunk, stored)
-        trained = job.fit(model, chunk, keep, stage, round_index=t, online=selector)
+        trained = job.fit(model, chunk, keep, stage, round_index=t, online=selector, names=names)
         st.info.update(trained)
         if selector is not None:
             st.info.update(job.finish_online(selector, names))

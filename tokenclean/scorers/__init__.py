@@ -12,6 +12,8 @@ instead of comparing names. Adding a scorer is one module here, one YAML in conf
   xtf           KN, RI, TR union rule      (XTF)            base model only       offline, rules (own keep ratio)
   entropy       -H_base (predictive entropy)                base model only       offline, by selection.method
   profit        p_current = exp(-l_current)    (ProFit)     nothing                online, own rule: p >= tau
+  forgetting    l_base - l_ref; dropped ones unlearned       base + reference      offline (as influence); trains
+                with weight -lambda(step)     (Forgetting)                         its decision with signed weights
   (baselines)   selection=random, selection=all            nothing                offline
 
 The reference is the fixed pipeline's warm-up model, or in self-evolving rounds the current model theta_t.
@@ -70,6 +72,10 @@ class Scorer:
     online_rule: Callable | None = None   # online + own_rules: rule(cfg) -> keep(scores) (bool), its own decision
     #                                       per batch instead of selection.method (ProFit's probability threshold)
     validate: Callable[[Config], None] | None = None       # the scorer's own config checks (raise ConfigError)
+    # offline scorers whose decision trains with weights of their own, per step: step_weights(cfg, keep, target,
+    # n_steps) -> a train.OnlineHook over the stage (Forgetting: -lambda(step) on the dropped tokens), with
+    # .weights_ragged() (each token's weight when last trained: cleaned.parquet's weights) and .summary()
+    step_weights: Callable | None = None
 
 
 def names() -> list[str]:
