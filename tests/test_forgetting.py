@@ -170,3 +170,21 @@ def test_ddp_two_processes_equal_one(dist_env, tmp_path):
         diff = (b[k] - a[k]).abs()
         assert diff.norm() <= dist.RTOL_FRO * a[k].norm(), (k, (diff.norm() / a[k].norm()).item())
         assert diff.max() <= dist.ATOL_MAX, (k, diff.max().item())
+
+
+def test_self_evolving_rounds_unlearn_what_they_drop(tmp_path):
+    run = tmp_path / "se"
+    run_cli([*CLI, "pipeline=self_evolving", "pipeline.chunks=2"], run)
+    assert not (run / "round_0/train_weights.json").exists()       # round 0 trains every token: nothing to unlearn
+    keep, w = load_array(run / "round_1/keep"), load_array(run / "round_1/train_weights")
+    is_t = ~np.isnan(load_array(run / "round_1/base_losses").values)
+    assert (w.values[keep.values] == 1).all()
+    dropped = is_t & ~keep.values
+    assert dropped.any() and (w.values[dropped] <= 0).all() and (w.values[dropped] < 0).any()
+    assert (w.values[~is_t] == 0).all()
+    # cleaned.parquet: round 0's examples (every response token, weight 1), then round 1's signed weights
+    rows = pq.read_table(run / "cleaned.parquet")["weights"].to_pylist()
+    n1 = len(keep)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(r, np.float32) for r in rows[-n1:]]), w.values)
+    first = np.concatenate([np.asarray(r, np.float32) for r in rows[:-n1]])
+    assert set(np.unique(first).tolist()) == {0.0, 1.0}
