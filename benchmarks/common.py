@@ -46,6 +46,8 @@ METHODS = {
     "xtf": ["scorer=xtf"],
     "entropy": ["scorer=entropy"],
     "soft (influence)": ["scorer=influence", "selection=soft"],
+    "profit": ["scorer=profit"],
+    "forgetting": ["scorer=forgetting"],
 }
 
 

@@ -8,7 +8,8 @@ truth known per token); writes results/scorers*.md (+ .csv, .json, .png).
 Metrics over response tokens, "noise" = injected: ROC-AUC of each scorer's noise score (minus its keep score),
 overall and per kind (that kind against clean tokens), and precision / recall of the set the scorer drops at its
 configured ratio (recall per kind too), plus the share of clean tokens dropped. Every scorer of tokenclean/scorers/
-is a row (influence, rho, self_online, xtf, entropy), beside the baselines (selection=all, selection=random).
+is a row (influence, rho, self_online, xtf, entropy, profit, forgetting), beside the baselines (selection=all,
+selection=random).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def detect(model: str = "tiny", source: str = "builtin:chatterbot", n_train: int
     from tokenclean.dist import make_accelerator
     from tokenclean.losses import TokenLoss, token_losses
     from tokenclean.models import load_model
-    from tokenclean.scorers import influence, xtf
+    from tokenclean.scorers import influence, profit, xtf
     from tokenclean.scorers.online import OnlineSelector
     from tokenclean.scorers.rho import excess_loss
     from tokenclean.scorers.self_online import learned_since_base
@@ -117,6 +118,8 @@ def detect(model: str = "tiny", source: str = "builtin:chatterbot", n_train: int
     add("influence, global (fixed)", -infl.values, sel(infl, "global"), "l_base - l_ref, clean warm-up reference")
     add("rho offline = influence, sample", -infl.values, sel(infl, "sample"),
         "same score, ranked within each sample (reference code's rho)")
+    add("forgetting = influence, global", -infl.values, sel(infl, "global"),
+        "influence's decision; what it drops is unlearned (weight -lambda(step)), not ignored (scorer=forgetting)")
 
     neg_h = scorers.get("entropy").score(scorers.Signals(examples=T, base_entropy=base_entropy)).scores
     add("entropy (-H_base), global", -neg_h.values, sel(neg_h, "global"),
@@ -152,6 +155,11 @@ def detect(model: str = "tiny", source: str = "builtin:chatterbot", n_train: int
         trained_on(T, target, f"online {kind}", online=online)
         name = "rho online (l_cur - l_ref)" if kind == "rho" else "self_online (l_base - l_cur)"
         add(name, -online.scores, online.keep, "per training batch, score when the token was trained")
+
+    online = OnlineSelector(profit.probability, None, target, scope="step", rule=profit.rule(cfg))
+    trained_on(T, target, "online profit", online=online)
+    add("profit (p_cur >= tau)", -online.scores, online.keep,
+        f"per training batch, its own threshold tau={cfg.scorer.profit.tau}; AUC of -p when the token was trained")
 
     meta = {"model": model, "source": source, "n_train": n_train, "n_warmup": n_warmup, "data_seed": data_seed,
             "seed": seed, "keep_ratio": keep_ratio, "max_length": max_length, "examples": len(T.input_ids),

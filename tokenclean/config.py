@@ -57,6 +57,7 @@ RIReduce = choices("RIReduce", "mean", "sum")
 TRCenter = choices("TRCenter", "data", "words")
 TRDistance = choices("TRDistance", "cosine", "l2")
 TRScope = choices("TRScope", "global", "sample")
+NegativeNorm = choices("NegativeNorm", "dropped", "kept")
 Method = choices("Method", "global", "sample", "threshold", "random", "all", "soft")
 LRSchedule = choices("LRSchedule", "linear", "cosine", "constant")
 MixedPrecision = choices("MixedPrecision", "auto", "bf16", "no")
@@ -147,13 +148,33 @@ class XTFConfig:
 
 
 @dataclass
+class ProfitConfig:
+    """ProFit (Utaotao/ProFit): train only the response tokens the current model already finds likely."""
+    tau: float = doc(0.1, "keep a token while training if its probability under the current model, exp(-loss), is at "
+                          "least tau (the reference code drops p < tau); the others carry no loss that step")
+
+
+@dataclass
+class ForgettingConfig:
+    """Forgetting (Taheri, Taban et al., TMLR 2026): the dropped tokens are unlearned with weight -lambda(step)."""
+    t_max: float = doc(0.25, "lambda(s) = (t_max - t_min) * s / S over a stage's S optimiser steps, s = 0..S-1 (the "
+                             "reference code's linear balancing coefficient: 0 at the first step)")
+    t_min: float = doc(1e-5, "see t_max (the reference code subtracts it; it is not lambda's starting value)")
+    negative_norm: NegativeNorm = doc(NegativeNorm.dropped, "the unlearning term's mean: dropped = over the step's "
+                                      "dropped tokens, loss = mean_kept(l) - lambda mean_dropped(l) (the reference "
+                                      "code) | kept = sum_dropped(l) over the kept count, a weight of -lambda each")
+
+
+@dataclass
 class ScorerConfig:
-    name: str = doc("influence", "a module of tokenclean/scorers/ (influence, rho, self_online, xtf, entropy): its "
-                                 "docstring says what it scores")
+    name: str = doc("influence", "a module of tokenclean/scorers/ (influence, rho, self_online, xtf, entropy, "
+                                 "profit, forgetting): its docstring says what it scores")
     online_scope: OnlineScope = doc(OnlineScope.step, "online scorers: rank over the whole optimiser step (all "
                                     "micro-batches and ranks; a no-grad pre-pass when the step spans several "
                                     "forwards) | micro: each forward alone (tokenclean/scorers/online.py)")
     xtf: XTFConfig = field(default_factory=XTFConfig)
+    profit: ProfitConfig = field(default_factory=ProfitConfig)
+    forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
 
 
 @dataclass

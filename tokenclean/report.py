@@ -2,9 +2,10 @@
 
   cleaned.parquet  input_ids / attention_mask / labels (-100 on prompt and dropped tokens): the cleaned dataset, which
                    TRL's SFTTrainer (or any HF Trainer) uses as is; with selection.method=soft also `weights`, each
-                   token's float32 loss weight (0 on the prompt; labels are -100 where the weight is 0); and, for
-                   other tools (tokenclean.export), `response_mask` (1 on response tokens, kept or not) and
-                   `record_index` (the example's record in data.train, counting from 0)
+                   token's float32 loss weight (0 on the prompt; labels are -100 where the weight is 0); with
+                   scorer=forgetting the signed weights training gave (1 kept, -lambda(step) c on the unlearned);
+                   and, for other tools (tokenclean.export), `response_mask` (1 on response tokens, kept or not)
+                   and `record_index` (the example's record in data.train, counting from 0)
   report.html      the first examples token by token: prompt grey, kept green, dropped red, the score (and XTF's
                    per-attribute decisions, when present) on hover
 """

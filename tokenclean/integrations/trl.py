@@ -52,6 +52,10 @@ class WeightedCollator:
             labels = torch.as_tensor(e["labels"], dtype=torch.long)
             weights = (torch.as_tensor(e[WEIGHTS], dtype=torch.float32) if e.get(WEIGHTS) is not None
                        else (labels != -100).float())
+            if (weights < 0).any():
+                raise ValueError("negative weights (scorer=forgetting's unlearning term) are normalised by the "
+                                 "step's kept-token count in tokenclean, not by their sum: WeightedSFTTrainer "
+                                 "takes weights >= 0")
             if len(labels) != n or len(weights) != n:
                 raise ValueError(f"an example has {n} input_ids, {len(labels)} labels and {len(weights)} weights: "
                                  "the columns must be aligned token by token (as tokenclean writes them)")

@@ -5,6 +5,7 @@
   losses/base, entropy/base                  round_t/base_losses, _entropy   the untouched base's losses, entropies
   losses/reference                           round_t/reference_losses        the reference's losses
   scores, keep, <scorer arrays>              round_t/scores, keep, ...       the scorer's answer and the decision
+  train_weights                              round_t/train_weights           the weights training gave it per step
 
 Self-evolving's rounds take their base signals from one pass over every chunk (or, with first_reference=warmup,
 the rows of the pool's), and its first round's reference losses from the pool's (the warm-up reference's).
@@ -28,6 +29,10 @@ class Arrays:
     @property
     def keep(self) -> str:      # the keep mask (bool) or soft weights (float32)
         return self.prefix + "keep"
+
+    @property
+    def train_weights(self) -> str:   # the signed weight each token carried when last trained, where the scorer
+        return self.prefix + "train_weights"   # weighs its decision per step (Scorer.step_weights: Forgetting)
 
     def scorer_array(self, rel: str) -> str:
         """A scorer's extra array (Scored.arrays, Scorer.reasons), beside the scores."""

@@ -92,12 +92,12 @@ def train_final(job: Job) -> None:
         st.info["eval_base"] = run.get("reference")["eval_base"] if run.done("reference") else \
             job.evaluate(model.model, "base")
         selector = None
-        if online:   # the base's losses come from these weights, before the first update
-            job.base_signals(model.model, [(POOL, d.train)])
-            selector = job.online_selector(d.train.target, job.load_array(
-                POOL.base_losses if scorer.cached == "base" else POOL.reference_losses))
+        if online:
+            if scorer.cached == "base":   # the base's losses come from these weights, before the first update
+                job.base_signals(model.model, [(POOL, d.train)])
+            selector = job.online_selector(d.train.target, POOL)
         st.info.update(job.fit(model, d.train, d.train.target if online else job.load_array(POOL.keep), "final",
-                               online=selector))
+                               online=selector, names=POOL))
         if selector is not None:
             st.info.update(job.finish_online(selector, POOL))
             st.info.update(selection.summary(job.load_array(POOL.keep), d.train.target))

@@ -141,12 +141,22 @@ class Job:
 
     @timed("train")
     def fit(self, prepared, examples: Examples, keep: Ragged, stage: str, round_index: int | None = None,
-            online=None) -> dict:
+            online=None, names: Arrays | None = None) -> dict:
         """Train a stage, resuming from its last saved state (<run>/<stage>.state/, train.Checkpoints) if an earlier
-        run of it was stopped or killed; its saved states are removed once its training is done."""
+        run of it was stopped or killed; its saved states are removed once its training is done.
+
+        A scorer that trains its decision with weights of its own (Scorer.step_weights: Forgetting) gets them
+        wherever the decision drops a response token; the weights each token carried are stored at
+        names.train_weights."""
         t, n_steps, start = self.cfg.training, len(prepared.steps), self.global_step
+        weigher = None
         if online is None:
             self.check_trainable(keep, examples, prepared.steps, stage)
+            drops = keep.values.dtype == bool and bool((examples.target.values & ~keep.values).any())
+            if self.scored and self.scorer.step_weights is not None and drops:
+                assert names is not None, f"stage {stage}: where its training weights go"
+                online = weigher = self.scorer.step_weights(self.cfg, keep, examples.target, n_steps)
+                keep = examples.target        # the hook weighs every response token of each step itself
 
         def on_step(step, metrics):
             self.global_step = start + step + 1   # from the step index: right in a stage resumed half-way too
@@ -161,8 +171,12 @@ class Job:
         self.global_step = start + n_steps
         self.run.data["global_step"] = self.global_step
         last = round(float(stats["train_loss"][-1]), 5) if stats["train_loss"] else None
-        return {"train_seconds": round(stats["seconds"], 2), "steps": stats["steps"], "final_train_loss": last,
+        info = {"train_seconds": round(stats["seconds"], 2), "steps": stats["steps"], "final_train_loss": last,
                 "tokens_per_second": round(float(stats["tokens_per_second"]), 1)}
+        if weigher is not None:
+            self.save_array(weigher.weights_ragged(), names.train_weights)
+            info.update(weigher.summary())
+        return info
 
     def check_trainable(self, keep: Ragged, examples: Examples, steps: list, stage: str) -> None:
         """A stage's decision keeps something: none kept is refused (naming the override), steps that would see no
@@ -270,10 +284,14 @@ class Job:
         return selection.select(scored.scores if scored else None, target, s.method, s.keep_ratio, s.threshold,
                                 s.temperature, seed)
 
-    def online_selector(self, target: Ragged, cached: Ragged):
-        s = self.cfg.selection
-        return OnlineSelector(self.scorer.online_score, cached, target, s.method, s.keep_ratio, s.threshold,
-                              self.cfg.scorer.online_scope, s.temperature)
+    def online_selector(self, target: Ragged, names: Arrays):
+        """The online scorer's per-batch selector over `target`, with the losses its declaration caches (stored at
+        `names`: the base's, the reference's, or none) and its own rule where it has one."""
+        s, scorer = self.cfg.selection, self.scorer
+        cached = {"base": names.base_losses, "reference": names.reference_losses, None: None}[scorer.cached]
+        rule = scorer.online_rule(self.cfg) if scorer.online_rule is not None else None
+        return OnlineSelector(scorer.online_score, self.load_array(cached) if cached else None, target, s.method,
+                              s.keep_ratio, s.threshold, self.cfg.scorer.online_scope, s.temperature, rule=rule)
 
     def finish_online(self, selector, names: Arrays) -> dict:
         """Store what an online selector chose (its scores and decisions, as when each token was trained)."""
@@ -430,12 +448,13 @@ def write_reports(job: Job, parts: list[tuple[Examples, Arrays]]) -> None:
     def stored(rel, default):
         return job.load_array(rel) if job.run.has_array(rel) else default
 
-    ids, target, keep, scores, records, reasons = [], [], [], [], [], {}
+    ids, target, keep, cleaned, scores, records, reasons = [], [], [], [], [], [], {}
     for examples, names in parts:
         ids.append(examples.input_ids)
         records.append(examples.record_indices)
         target.append(examples.target)
         keep.append(stored(names.keep, examples.target))   # e.g. round 0: every response token
+        cleaned.append(stored(names.train_weights, keep[-1]))   # signed weights where training weighed the decision
         nan = np.full(len(examples.target.values), np.nan, np.float32)
         scores.append(stored(names.scores, examples.target.like(nan)))
         for label, rel in job.scorer.reasons if job.scored else ():
@@ -444,7 +463,10 @@ def write_reports(job: Job, parts: list[tuple[Examples, Arrays]]) -> None:
     cat = Ragged.concat
     if any(k.values.dtype != bool for k in keep):   # soft weights: a round kept whole weighs 1
         keep = [k.like(np.asarray(k.values, np.float32)) for k in keep]
-    write_cleaned(job.run.path / "cleaned.parquet", cat(ids), cat(target), cat(keep), np.concatenate(records))
+    if any(c.values.dtype != bool for c in cleaned):
+        cleaned = [c.like(np.asarray(c.values, np.float32)) for c in cleaned]
+    write_cleaned(job.run.path / "cleaned.parquet", cat(ids), cat(target), cat(cleaned),
+                  np.concatenate(records))
     write_html(job.run.path / "report.html", job.tokenizer, cat(ids), cat(target), cat(keep), cat(scores),
                {k: cat(v) for k, v in reasons.items() if len(v) == len(parts)}, title=job.run.path.name)
 

@@ -104,12 +104,12 @@ def train_round(job: Job, t: int, first: int, chunks: list[Examples], indices: l
             st.info["eval_base"] = job.evaluate(model.model, "base", round_index=0)
             job.base_signals(model.model, [(artefacts.chunk(r), chunks[r]) for r in range(1, len(chunks))])
         elif job.scored and job.scorer.online:   # ranked per batch while this round trains: no reference pass
-            selector = job.online_selector(chunk.target, job.load_array(names.base_losses))
+            selector = job.online_selector(chunk.target, names)
         else:
             # the warm-up model's losses on this chunk, as the reference stage stored them (not recomputed)
             stored = job.load_array(artefacts.POOL.reference_losses).select(indices[k]) if t == first else None
             scores, keep = select_round(job, model.model, t, chunk, stored)
-        trained = job.fit(model, chunk, keep, stage, round_index=t, online=selector)
+        trained = job.fit(model, chunk, keep, stage, round_index=t, online=selector, names=names)
         st.info.update(trained)
         if selector is not None:
             st.info.update(job.finish_online(selector, names))

@@ -11,6 +11,9 @@ instead of comparing names. Adding a scorer is one module here, one YAML in conf
   self_online   l_base - l_current         (ssToken's REL)  cached l_base         online, per training batch
   xtf           KN, RI, TR union rule      (XTF)            base model only       offline, rules (own keep ratio)
   entropy       -H_base (predictive entropy)                base model only       offline, by selection.method
+  profit        p_current = exp(-l_current)    (ProFit)     nothing                online, own rule: p >= tau
+  forgetting    l_base - l_ref; dropped ones unlearned       base + reference      offline (as influence); trains
+                with weight -lambda(step)     (Forgetting)                         its decision with signed weights
   (baselines)   selection=random, selection=all            nothing                offline
 
 The reference is the fixed pipeline's warm-up model, or in self-evolving rounds the current model theta_t.
@@ -63,9 +66,16 @@ class Scorer:
     pipelines: tuple = ("fixed", "self_evolving")
     reasons: tuple = ()                 # (label, rel path of a bool array of the tokens it calls noise): the report
     score: Callable[[Signals], Scored] | None = None       # offline scorers
-    cached: str = "base"                # online scorers: the losses cached once, "base" or "reference" ...
-    online_score: Callable | None = None  # ... and score(cached, current) per batch (float64 arrays)
+    cached: str | None = "base"         # online scorers: the losses cached once, "base", "reference" or None ...
+    online_score: Callable | None = None  # ... and score(cached, current) per batch (float64 arrays; cached NaN
+    #                                       when None)
+    online_rule: Callable | None = None   # online + own_rules: rule(cfg) -> keep(scores) (bool), its own decision
+    #                                       per batch instead of selection.method (ProFit's probability threshold)
     validate: Callable[[Config], None] | None = None       # the scorer's own config checks (raise ConfigError)
+    # offline scorers whose decision trains with weights of their own, per step: step_weights(cfg, keep, target,
+    # n_steps) -> a train.OnlineHook over the stage (Forgetting: -lambda(step) on the dropped tokens), with
+    # .weights_ragged() (each token's weight when last trained: cleaned.parquet's weights) and .summary()
+    step_weights: Callable | None = None
 
 
 def names() -> list[str]:
@@ -91,9 +101,15 @@ def validate(cfg: Config) -> None:
         check(cfg.pipeline.train_final, "pipeline.train_final", cfg.pipeline.train_final,
               f"scorer={scorer.name} chooses tokens while the final model trains (online), so there is nothing to "
               "export without training it; score-only runs need an offline scorer (influence, entropy, xtf)")
-        check(not (s.method in (Method.threshold, Method.soft) and cfg.scorer.online_scope == OnlineScope.micro),
-              "scorer.online_scope",
-              cfg.scorer.online_scope, f"selection.method={s.method} needs online_scope=step (the step's loss "
-              "normaliser must be known before the first backward)")
+        # a rule whose count is known only once scored: the step's loss normaliser must be known before the
+        # first backward, which micro scope's first forward would need
+        counted_late = f"scorer={scorer.name} (its own rule)" if scorer.own_rules else \
+            f"selection.method={s.method}" if s.method in (Method.threshold, Method.soft) else None
+        check(not (counted_late and cfg.scorer.online_scope == OnlineScope.micro), "scorer.online_scope",
+              cfg.scorer.online_scope, f"{counted_late} needs online_scope=step (the step's loss normaliser must be "
+              "known before the first backward)")
+    check(cfg.pipeline.train_final or scorer.step_weights is None, "pipeline.train_final", cfg.pipeline.train_final,
+          f"scorer={scorer.name} weighs its decision per training step (its weights depend on the step), so a "
+          "score-only run has nothing of its own to export; run it with training, or score with scorer=influence")
     if scorer.validate is not None:
         scorer.validate(cfg)

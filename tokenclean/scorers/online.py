@@ -46,19 +46,25 @@ class OnlineSelector:
     forward).
 
     score(cached, current) -> scores: the scorer's rule over one cached per-token loss aligned with `target` (e.g.
-    the reference's for Rho-1, the base's for self_online) and the current model's losses (float64 arrays). The
+    the reference's for Rho-1, the base's for self_online; None for a scorer of the current model alone, ProFit)
+    and the current model's losses (float64 arrays). rule(scores) -> keep, when given: the scorer's own decision
+    (ProFit's p >= tau) instead of selection.method; its count is known once scored, so scope=step. The
     training forward computes losses on every target position (fit is given `target` as its mask); weigh() zeroes
     the dropped ones (or weights them, method=soft). Records, per target token, the score and decision of the last
     time it was trained (`scores`, `keep`) and how much it was kept (`kept_times`, summed over epochs)."""
 
-    def __init__(self, score, cached: Ragged, target: Ragged, method: str = "global", keep_ratio: float = 0.6,
-                 threshold: float | None = None, scope: str = "step", temperature: float = 0.5):
-        assert cached.same_layout(target)
+    def __init__(self, score, cached: Ragged | None, target: Ragged, method: str = "global", keep_ratio: float = 0.6,
+                 threshold: float | None = None, scope: str = "step", temperature: float = 0.5, rule=None):
+        assert cached is None or cached.same_layout(target)
         assert method in ("global", "sample", "threshold", "soft"), method
         assert scope in ("step", "micro")
+        assert rule is None or scope == "step", "a rule of its own counts its tokens only once scored"
         self.score_fn, self.method, self.keep_ratio, self.threshold = score, method, keep_ratio, threshold
         self.scope, self.temperature = scope, temperature
-        self.cached = np.asarray(cached.values, np.float32)
+        self.rule = rule           # the scorer's own decision, keep = rule(scores), instead of selection.method
+        # a scorer that reads the current model alone (ProFit) caches nothing: its score function gets NaN there
+        self.cached = np.full(len(target.values), np.nan, np.float32) if cached is None else \
+            np.asarray(cached.values, np.float32)
         self.target = target
         self.is_target = np.asarray(target.values, bool)
         self.n_target = target.row_sums()
@@ -88,6 +94,8 @@ class OnlineSelector:
         pos = self._positions(idx)
         assert len(pos) == len(current), (len(pos), len(current))
         s = round_to_resolution(self.score_fn(self.cached[pos].astype(np.float64), np.asarray(current, np.float64)))
+        if self.rule is not None:
+            return pos, s, np.asarray(self.rule(s), bool)
         counts = self.n_target[np.asarray(idx, np.int64)] if len(idx) else np.zeros(0, np.int64)
         offsets = np.zeros(len(counts) + 1, np.int64)
         np.cumsum(counts, out=offsets[1:])
