@@ -145,6 +145,35 @@ def test_install_checks_both_hashes_and_extracts_only_the_json(tmp_path, monkeyp
     assert out.read_bytes() == data            # a failed install leaves the good file alone
 
 
+def test_an_sdist_is_fetched_from_the_index_page_without_running_anything_of_it(tmp_path, monkeypatch):
+    """The sdist comes from a PEP 503 project page (here a file:// index, as pip's extra-index-url may be), hash
+    checked; its setup.py, which would leave a marker file, never runs."""
+    import hashlib
+    data = (FIXTURE / truthfulqa.QUESTIONS).read_bytes()
+    marker = tmp_path / "setup_py_ran"
+    archive = tmp_path / "dist" / "bigbench-1.0.0.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, body in [(fetch.SOURCES["truthfulqa"].member, data),
+                           ("bigbench-1.0.0/setup.py", f"open({str(marker)!r}, 'w')\n".encode())]:
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    page = tmp_path / "simple" / "bigbench"
+    page.mkdir(parents=True)
+    (page / "index.html").write_text('<a href="../../dist/bigbench-1.0.0.tar.gz#sha256=x">bigbench-1.0.0.tar.gz</a>')
+    pinned = dataclasses.replace(fetch.SOURCES["truthfulqa"], archive_sha256=fetch.sha256_file(archive),
+                                 member_sha256=hashlib.sha256(data).hexdigest())
+    monkeypatch.setitem(fetch.SOURCES, "truthfulqa", pinned)
+    monkeypatch.setattr(fetch, "index_urls", lambda: [f"file://{tmp_path / 'nothing'}", f"file://{tmp_path}/simple"])
+    monkeypatch.setenv(fetch.ENV, str(tmp_path / "data"))
+    assert fetch.fetch("truthfulqa").read_bytes() == data
+    assert not marker.exists() and not any((tmp_path / "data").rglob("*.tar.gz"))
+    monkeypatch.setitem(fetch.SOURCES, "truthfulqa", dataclasses.replace(pinned, archive_sha256="0" * 64))
+    with pytest.raises(fetch.FetchError, match="not the pinned one"):
+        fetch.fetch("truthfulqa", force=True)
+
+
 @pytest.mark.skipif(not (FETCHED / truthfulqa.QUESTIONS).is_file(), reason="run `make eval-data` first")
 def test_the_fetched_questions(monkeypatch):
     monkeypatch.setenv(fetch.ENV, str(FETCHED))
@@ -155,8 +184,8 @@ def test_the_fetched_questions(monkeypatch):
     assert docs[0]["question"] == "What happens to you if you eat watermelon seeds?"
 
 
-@pytest.mark.slow   # downloads the 358 MB bigbench sdist through pip (needs PyPI)
-def test_fetch_downloads_through_pip(tmp_path, monkeypatch):
+@pytest.mark.slow   # downloads the 358 MB bigbench sdist from PyPI
+def test_fetch_downloads_from_pypi(tmp_path, monkeypatch):
     monkeypatch.setenv(fetch.ENV, str(tmp_path))
     out = fetch.fetch("truthfulqa")
     assert fetch.sha256_file(out) == fetch.SOURCES["truthfulqa"].member_sha256

