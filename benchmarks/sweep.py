@@ -25,7 +25,7 @@ def run(a, argv) -> None:
     """One run of the job (score cache off: it computes everything), then the same job as a sweep over keep ratios
     with an empty score cache (its first point computes and caches the base losses and the reference, the others
     reuse them). The built-in model's converted copy is linked into the fresh cache, so neither converts it."""
-    from tokenclean.assets import cache_root
+    from tokenclean.io import cache_root
     tmp = Path(tempfile.mkdtemp(prefix="perf-sweep-"))
     cache = tmp / "cache"
     cache.mkdir()

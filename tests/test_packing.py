@@ -171,7 +171,7 @@ main()
 @pytest.mark.slow
 def test_cli_keeps_the_same_tokens_as_padded(tmp_path):
     """The tiny fixed pipeline, packed (as shipped) and with every collate padded: the same kept tokens."""
-    from tokenclean.assets import cache_root
+    from tokenclean.io import cache_root
     script = tmp_path / "padded_main.py"
     script.write_text(PADDED_MAIN)
     for run in ("packed", "padded"):

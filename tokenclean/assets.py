@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from tokenclean.config import ConfigError, UserError
+from tokenclean.io import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,6 @@ def resolve_model(name_or_path: str) -> str:
         f"{', '.join(BUILTIN_MODELS)}. Hub ids are not fetched (this tool never downloads): download the model "
         f"first, e.g. `huggingface-cli download ORG/NAME --local-dir DIR` on a machine with network, and pass DIR."
     )
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TOKENCLEAN_CACHE") or "~/.cache/tokenclean").expanduser()
 
 
 def cached(subdir: str, build) -> str:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenclean.config import UserError
-from tokenclean.io import atomic_write, sha256_file
+from tokenclean.io import atomic_write, cache_root, sha256_file
 
 log = logging.getLogger(__name__)
 ENV = "TOKENCLEAN_DATA"
@@ -74,7 +74,6 @@ FIX = {name: f"run `make data` (or `python -m tokenclean.fetch {name}`) on a mac
 
 
 def data_dir() -> Path:
-    from tokenclean.assets import cache_root
     return Path(os.environ.get(ENV) or cache_root() / "data").expanduser()
 
 

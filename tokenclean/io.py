@@ -1,4 +1,4 @@
-"""The one way to write a file atomically, and the package's digests and fingerprints.
+"""The one way to write a file atomically, the package's digests and fingerprints, and where its files live.
 
 Every file tokenclean writes goes through `atomic_write` (or `atomic_write_text`): a per-process temporary name in the
 same directory (`.<name>.tmp<pid>`, the pattern rundir removes when a killed run left one behind), fsync, then one
@@ -17,6 +17,12 @@ import numpy as np
 
 FULL_HASH_MAX, SAMPLE, SAMPLES = 64 << 20, 1 << 20, 16
 STALE_TEMP = re.compile(r"^\..+\.tmp\d+$")   # what atomic_write and models.save_checkpoint write through
+
+
+def cache_root() -> Path:
+    """Where tokenclean keeps what it builds and fetches once (built-in models, the score cache, fetched data):
+    $TOKENCLEAN_CACHE, default ~/.cache/tokenclean."""
+    return Path(os.environ.get("TOKENCLEAN_CACHE") or "~/.cache/tokenclean").expanduser()
 
 
 def fingerprint(*parts) -> str:

@@ -25,12 +25,12 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from tokenclean import evaluation, scorers, selection
-from tokenclean.assets import cache_root, resolve_model
+from tokenclean.assets import resolve_model
 from tokenclean.cache import ScoreCache
 from tokenclean.config import BASELINES, Config, ConfigError, Method
 from tokenclean.data import Examples, tokenizer_fingerprint
 from tokenclean.dist import gather, make_accelerator, not_sharded, slurm_to_torch_env
-from tokenclean.io import atomic_write_text, fingerprint
+from tokenclean.io import atomic_write_text, cache_root, fingerprint
 from tokenclean.losses import TokenLoss, token_losses
 from tokenclean.models import load_model, load_tokenizer, model_fingerprint, save_checkpoint
 from tokenclean.pipelines.artefacts import Arrays, carries_base_fingerprint
