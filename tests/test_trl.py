@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.cli import run_cli, weights
+from tests.cli import ROOT, run_cli, weights
 
 STEPS, BATCH = 3, 4
 JOB = ["model=tiny", "tracking=none", "data.limit=120", "selection.method=soft", f"training.max_steps={STEPS}",
@@ -152,3 +152,23 @@ def test_three_trl_steps_end_at_tokenclean_final_weights_and_micro_batches_do_no
     ones = ordered.map(lambda r: {"weights": [float(x != -100) for x in r["labels"]]})
     rel, atol = close(trl_4x1, trained(trainer(ones, tmp_path / "c"), tmp_path / "c_model"))
     assert atol > ATOL_MAX, atol                                       # measured 1.2e-2
+
+
+def test_two_ranks_of_two_examples_train_as_one_process_of_four(run, tmp_path):
+    """The step's weight sum is gathered over the ranks: 2 processes x 2 examples (gloo) make the update of one
+    process x 4 (the Trainer hands rank r every W-th batch of the sequential order, so a step holds the same 4)."""
+    import subprocess
+
+    from benchmarks.common import launch_command, launch_environment
+    from tokenclean.io import cache_root
+
+    data = exported(run)
+    ordered = data.select(final_plan(len(data)).tolist())
+    ordered.save_to_disk(str(tmp_path / "ordered"))
+    one = trained(trainer(ordered, tmp_path / "one"), tmp_path / "one_model")
+    cmd = launch_command("ddp.yaml", ["--num_processes", "2"], script=str(ROOT / "tests" / "dist" / "trl_train.py"))
+    p = subprocess.run([*cmd, str(tmp_path / "ordered"), str(tmp_path / "two"), "2", "1"], cwd=ROOT,
+                       env=launch_environment(cache_root()), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rel, atol = close(one, weights(tmp_path / "two" / "model"))
+    assert rel <= RTOL_FRO and atol <= ATOL_MAX / 10, (rel, atol)
