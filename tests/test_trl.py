@@ -80,6 +80,15 @@ def test_the_export_holds_the_runs_float_weights_and_labels(run):
     assert "| selection | method=soft, keep_ratio=0.6" in (run / "hf" / "README.md").read_text()
 
 
+def test_trl_own_sft_trainer_trains_on_the_export_as_it_is(run, tmp_path):
+    """The hf export with every column (weights, response_mask, record_index): TRL's plain SFTTrainer takes it
+    without a change and trains on its labels."""
+    tr = trainer(exported(run), tmp_path / "plain", steps=2, weighted=False)
+    tr.train()
+    losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    assert tr.state.global_step == 2 and len(losses) == 2 and all(0 < float(x) < 10 for x in losses)
+
+
 def one_batch(data, idx, tr):
     """The collated batch of examples idx and its weight sum, as WeightedSFTTrainer's step sees them."""
     batch = tr.data_collator([data[int(i)] for i in idx])
