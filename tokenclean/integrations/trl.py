@@ -19,7 +19,7 @@ where the sums run over every micro-batch of the gradient accumulation and every
 normalisation (tokenclean/train.py). Without a `weights` column, w is 1 on the labelled tokens and the loss is TRL's
 own masked loss. How, in TRL's terms: `get_batch_samples` (the Trainer method that fetches a step's micro-batches
 and counts their tokens for `num_items_in_batch`) counts the step's weight sum instead, gathered over the ranks as
-the Trainer gathers token counts (`average_tokens_across_devices`, on by default); `compute_loss` takes TRL's
+the Trainer gathers token counts (`average_tokens_across_devices`, which it sets); `compute_loss` takes TRL's
 per-token log-probabilities (its chunked LM head, `fused_lm_head=True`) and weighs them.
 
 The examples are used as they are: dataset preparation is skipped (`dataset_kwargs={"skip_prepare_dataset": True}`,
@@ -76,6 +76,7 @@ class WeightedSFTTrainer(SFTTrainer):
         if training_args is None:
             raise ValueError("WeightedSFTTrainer needs args=SFTConfig(...)")
         training_args.remove_unused_columns = False
+        training_args.average_tokens_across_devices = True   # the weight sum of every rank divides the step's loss
         training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         if data_collator is None:
             if processing_class is None:
@@ -91,7 +92,7 @@ class WeightedSFTTrainer(SFTTrainer):
         total = torch.zeros((), dtype=torch.float32, device=device)
         for b in batches:
             total += b[WEIGHTS][:, 1:].sum().to(device)   # token 0 is predicted from nothing: never trained
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+        if self.args.world_size > 1:
             total = self.accelerator.gather(total).sum()
         return batches, total
 
@@ -106,6 +107,6 @@ class WeightedSFTTrainer(SFTTrainer):
         total = torch.as_tensor(num_items_in_batch, dtype=weighted.dtype, device=weighted.device)
         # a step with no weight trains on nothing (tokenclean's normaliser: 1), never 0 / 0
         loss = weighted / torch.where(total > 0, total, torch.ones_like(total))
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+        if self.args.world_size > 1:
             loss = loss * self.accelerator.num_processes   # DDP averages the gradients over the ranks
         return (loss, outputs) if return_outputs else loss
