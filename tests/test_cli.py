@@ -59,7 +59,8 @@ def test_cleaned_dataset_has_labels_trl_can_use(fixed_run):
     run_dir, _ = fixed_run
     ds = datasets.load_dataset("parquet", data_files=str(run_dir / "cleaned.parquet"), split="train")
     keep = load_array(run_dir / "keep")
-    assert ds.column_names == ["input_ids", "attention_mask", "labels"] and len(ds) == len(keep)
+    assert ds.column_names == ["input_ids", "attention_mask", "labels", "response_mask", "record_index"]
+    assert len(ds) == len(keep)
     for i in (0, len(ds) - 1):
         labels = np.array(ds[i]["labels"])
         ids = np.array(ds[i]["input_ids"])

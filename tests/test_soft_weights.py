@@ -126,7 +126,7 @@ def cleaned(run):
 def check_cleaned(run, weights: np.ndarray):
     """cleaned.parquet: a weights column equal to the stored weights, labels -100 wherever the weight is 0."""
     t = cleaned(run)
-    assert list(t) == ["input_ids", "attention_mask", "labels", "weights"]
+    assert list(t) == ["input_ids", "attention_mask", "labels", "weights", "response_mask", "record_index"]
     w = np.concatenate([np.asarray(r, np.float32) for r in t["weights"]])
     ids = np.concatenate([np.asarray(r) for r in t["input_ids"]])
     labels = np.concatenate([np.asarray(r) for r in t["labels"]])
