@@ -33,8 +33,12 @@ Memory: TokenLoss(reference=...) computes the terms chunk by chunk (training.los
 reference's decoder runs once per micro-batch without gradient and only its last hidden states at the response
 positions are kept; both models' logits exist for one chunk at a time, and the current one's are recomputed in
 backward (checkpointed). The reference code materialises both models' full [batch, length, V] logits three times
-(two no-grad forwards, then the training one). The peak against full logits (49k and 262k vocabularies) and the
-cost per step against plain SFT are measured by `python -m benchmarks.memory --eksft` (results/performance.md).
+(two no-grad forwards, then the training one). Measured by `python -m benchmarks.eksft_cost` (results/performance.md, at
+5f11493; one forward and backward, 2 x 256 tokens, 308 response positions, hidden size 32): the peak memory added is
+0.53x the full logits' at a 49k and at a 262k vocabulary when one chunk holds every response position (409 vs 774
+MB, 2147 vs 4088 MB: response positions only), 0.27x and 0.12x with 64-position chunks (212 MB, 477 MB). Per
+optimiser step on the tiny model it costs 1.5x plain SFT when the step is one forward and 2.0x with a pre-pass
+(the reference's forward on every micro-batch, the current model's no-grad pass on top).
 The fused LM-head kernel is not used on this path (it returns losses only). The reference is a whole copy on every
 rank (not sharded under ZeRO-3).
 
