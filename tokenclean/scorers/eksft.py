@@ -57,8 +57,9 @@ trains; in self-evolving round t >= 1 the round's reference theta_t, i.e. the mo
 trains every token). The reference code's reference is a frozen copy of the model being trained (its starting
 weights), so the self-evolving rounds match it per round (KL is 0 at a round's first step and grows), while the
 fixed pipeline measures the distance to the warm-up model instead (the base itself as reference is not offered:
-needs_reference is static and would still train the warm-up model). The reference stage's loss pass over the pool
-is computed and unused.
+needs_reference is static and would still train the warm-up model). The fixed pipeline's reference stage also
+computes the base's and the reference's losses on the pool, which EKSFT does not read (one forward over the pool
+each; shared with every other arm through the score cache).
 
 Stored: `scores` (-KL, or +KL with largest_kl=false; -H for criterion=entropy), `keep` (kept in the CE when last
 trained), and eksft/kl, eksft/entropy, eksft/flag_kl, eksft/flag_entropy beside them.
