@@ -14,8 +14,8 @@ instead of comparing names. Adding a scorer is one module here, one YAML in conf
   profit        p_current = exp(-l_current)    (ProFit)     nothing                online, own rule: p >= tau
   forgetting    l_base - l_ref; dropped ones unlearned       base + reference      offline (as influence); trains
                 with weight -lambda(step)     (Forgetting)                         its decision with signed weights
-  eksft         KL(p_cur || p_ref), H(p_cur): the top     reference model        online, own rule: the top 20% by
-                20% leave the CE, regularised  (EKSFT)    (in memory)            KL and/or entropy per step
+  eksft         KL(p_cur || p_ref), H(p_cur): the top       reference model       online, own rule: the top 20% by
+                20% leave the CE, regularised  (EKSFT)      (in memory)           KL and/or entropy per step
   (baselines)   selection=random, selection=all            nothing                offline
 
 The reference is the fixed pipeline's warm-up model, or in self-evolving rounds the current model theta_t.
