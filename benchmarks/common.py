@@ -48,6 +48,7 @@ METHODS = {
     "soft (influence)": ["scorer=influence", "selection=soft"],
     "profit": ["scorer=profit"],
     "forgetting": ["scorer=forgetting"],
+    "eksft": ["scorer=eksft"],
 }
 
 

@@ -8,7 +8,7 @@ truth known per token); writes results/scorers*.md (+ .csv, .json, .png).
 Metrics over response tokens, "noise" = injected: ROC-AUC of each scorer's noise score (minus its keep score),
 overall and per kind (that kind against clean tokens), and precision / recall of the set the scorer drops at its
 configured ratio (recall per kind too), plus the share of clean tokens dropped. Every scorer of tokenclean/scorers/
-is a row (influence, rho, self_online, xtf, entropy, profit, forgetting), beside the baselines (selection=all,
+is a row (influence, rho, self_online, xtf, entropy, profit, forgetting, eksft), beside the baselines (selection=all,
 selection=random).
 """
 from __future__ import annotations
@@ -62,6 +62,7 @@ def detect(model: str = "tiny", source: str = "builtin:chatterbot", n_train: int
     from tokenclean.losses import TokenLoss, token_losses
     from tokenclean.models import load_model
     from tokenclean.scorers import influence, profit, xtf
+    from tokenclean.scorers.eksft import EKSFTHook
     from tokenclean.scorers.online import OnlineSelector
     from tokenclean.scorers.rho import excess_loss
     from tokenclean.scorers.self_online import learned_since_base
@@ -101,6 +102,7 @@ def detect(model: str = "tiny", source: str = "builtin:chatterbot", n_train: int
     del base_model
     p, _ = trained_on(W, W.target, "reference (clean warm-up)")
     ref = losses_of(p.model, "reference losses")
+    ref_model = acc.unwrap_model(p.model).eval().requires_grad_(False)   # EKSFT's reference, whole
     del p
     infl = influence.influence(base, ref)
 
@@ -160,6 +162,14 @@ def detect(model: str = "tiny", source: str = "builtin:chatterbot", n_train: int
     trained_on(T, target, "online profit", online=online)
     add("profit (p_cur >= tau)", -online.scores, online.keep,
         f"per training batch, its own threshold tau={cfg.scorer.profit.tau}; AUC of -p when the token was trained")
+
+    hook = EKSFTHook(cfg, target, ref_model)
+    trained_on(T, target, "online eksft", online=hook)
+    e = cfg.scorer.eksft
+    add("eksft (top KL to ref or entropy)", hook.kl, hook.keep,
+        f"per training step, top {e.top_k_ratio:.0%} by KL(cur || warm-up ref) and by entropy, {e.criterion} removed "
+        "(its own share); AUC of the KL when the token was trained")
+    del ref_model
 
     meta = {"model": model, "source": source, "n_train": n_train, "n_warmup": n_warmup, "data_seed": data_seed,
             "seed": seed, "keep_ratio": keep_ratio, "max_length": max_length, "examples": len(T.input_ids),

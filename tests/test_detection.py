@@ -79,6 +79,9 @@ def test_ci_sized_detection_run_writes_the_table(tmp_path):
     for n in ("random (selection=random)", "influence, global (fixed)", "rho online (l_cur - l_ref)",
               "entropy (-H_base), global"):
         assert 0.4 <= by[n]["dropped"] < 0.42
+    # EKSFT removes the union of two top-20% sets per step: between a fifth and two fifths
+    eksft = next(r for n, r in by.items() if n.startswith("eksft"))
+    assert 0.18 <= eksft["dropped"] <= 0.4
     # the offline "rho" ranks the same score within samples: same AUC, other dropped set
     assert by["rho offline = influence, sample"]["auc"] == by["influence, global (fixed)"]["auc"]
     for r in rows:

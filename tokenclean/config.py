@@ -58,6 +58,8 @@ TRCenter = choices("TRCenter", "data", "words")
 TRDistance = choices("TRDistance", "cosine", "l2")
 TRScope = choices("TRScope", "global", "sample")
 NegativeNorm = choices("NegativeNorm", "dropped", "kept")
+EKSFTCriterion = choices("EKSFTCriterion", "kl", "entropy", "union", "intersection")
+EKSFTKLForm = choices("EKSFTKLForm", "reference_code", "kl")
 Method = choices("Method", "global", "sample", "threshold", "random", "all", "soft")
 LRSchedule = choices("LRSchedule", "linear", "cosine", "constant")
 MixedPrecision = choices("MixedPrecision", "auto", "bf16", "no")
@@ -166,15 +168,42 @@ class ForgettingConfig:
 
 
 @dataclass
+class EKSFTConfig:
+    """EKSFT (MINE-USTC/EKSFT): per step, the top share of response tokens by KL(current || reference) and/or by
+    the current model's entropy leave the cross-entropy and carry the entropy and KL regularisers instead."""
+    top_k_ratio: float = doc(0.2, "each criterion flags floor(n x top_k_ratio) of the n response tokens ranked "
+                                  "together (the step's, or each example's with selection=sample)")
+    criterion: EKSFTCriterion = doc(EKSFTCriterion.union, "the tokens removed from the cross-entropy: the KL-flagged "
+                                    "| entropy-flagged | union of both (the reference script) | intersection "
+                                    "(the reference code's eksft_is_union_mask=false)")
+    largest_kl: bool = doc(True, "flag the largest KL (false: the smallest)")
+    largest_entropy: bool = doc(True, "flag the largest entropy (false: the smallest)")
+    lambda_entropy: float = doc(0.05, "loss -= lambda_entropy x the mean normalised entropy H(p)/log V of the "
+                                      "entropy-flagged tokens (0 = off; the reference script's 0.05)")
+    lambda_kl: float = doc(0.05, "loss += lambda_kl x the mean KL term of the KL-flagged tokens (0 = off; the "
+                                 "reference script's 0.05)")
+    kl_form: EKSFTKLForm = doc(EKSFTKLForm.reference_code, "the KL regulariser per token: reference_code = "
+                               "sum_v p_v (p_v - log q_v), as the reference code computes it (p where log p "
+                               "belongs) | kl = KL(p || q)")
+    target_entropy: float = doc(0.5, "the step's lambda_entropy is x (1 + adapt) when the regularised mean "
+                                     "entropy is below it, else x (1 - adapt) (the reference code's default)")
+    target_kl: float = doc(2.0, "the step's lambda_kl is x (1 + adapt) when the regularised mean KL term is above "
+                                "it, else x (1 - adapt) (the reference code's default)")
+    adapt: float = doc(0.05, "the per-step factor of that adjustment (0: lambdas as given); as in the reference "
+                             "code it never accumulates: each step starts from the configured lambdas")
+
+
+@dataclass
 class ScorerConfig:
     name: str = doc("influence", "a module of tokenclean/scorers/ (influence, rho, self_online, xtf, entropy, "
-                                 "profit, forgetting): its docstring says what it scores")
+                                 "profit, forgetting, eksft): its docstring says what it scores")
     online_scope: OnlineScope = doc(OnlineScope.step, "online scorers: rank over the whole optimiser step (all "
                                     "micro-batches and ranks; a no-grad pre-pass when the step spans several "
                                     "forwards) | micro: each forward alone (tokenclean/scorers/online.py)")
     xtf: XTFConfig = field(default_factory=XTFConfig)
     profit: ProfitConfig = field(default_factory=ProfitConfig)
     forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
+    eksft: EKSFTConfig = field(default_factory=EKSFTConfig)
 
 
 @dataclass

@@ -73,36 +73,27 @@ class TokenLoss(nn.Module):
         return "chunked"
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, entropy: bool = False):
+                position_ids: torch.Tensor | None = None, entropy: bool = False, reference=None):
         """Losses (fp32) of the positions where `mask` is True, in row-major order; with entropy=True, also the
         entropy of the predicted distribution at those positions (a second tensor, no gradient).
+
+        reference (a function (lo, hi) -> the reference model's fp32 logits at selected positions lo..hi-1, as
+        `reference_logits` builds it): also the distribution terms against it, with gradients, as a second value
+        {"entropy": H(p), "kl": KL(p || q), "collision": sum_v p_v^2} (p the current prediction, q the
+        reference's; EKSFT's regularisers). Both models' logits exist one chunk of loss_chunk_size positions at a
+        time (recomputed in backward), never for the whole batch.
 
         Takes a padded batch (attention_mask) or a packed one (several examples to a row, position_ids restarting
         at 0 for each, no attention_mask): see `collate`.
 
         With no position selected it returns one zero that is still connected to the graph (0 * a real loss):
         every rank then runs the same backward, so DDP and ZeRO-3 never wait on a rank that skipped a step."""
+        h, y, empty = self.selected_hidden(input_ids, mask, attention_mask, position_ids)
         lm = self.causal_lm()
-        decoder = getattr(lm, lm.base_model_prefix)
-        if position_ids is not None and "flash" in str(lm.config._attn_implementation):
-            # flash-attention finds packed sequences in one row only (varlen, no attention wasted): flatten the rows
-            input_ids, position_ids, mask = (t.reshape(1, -1) for t in (input_ids, position_ids, mask))
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state
-        # an example's first token has no prefix to be predicted from: column 0, and in a packed row every
-        # position 0 (the position before it belongs to another example)
-        mask = mask & (position_ids != 0) if position_ids is not None else mask.clone()
-        mask[:, 0] = False
-        rows, cols = mask.nonzero(as_tuple=True)
-        empty = len(rows) == 0
-        if empty:
-            rows, cols = torch.zeros(1, dtype=torch.long, device=mask.device), torch.ones(1, dtype=torch.long,
-                                                                                         device=mask.device)
-            cols = cols.clamp(max=input_ids.shape[1] - 1)
-        h = hidden[rows, cols - 1]
-        y = input_ids[rows, cols]
         head = lm.get_output_embeddings()
         cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+        if reference is not None:
+            return self._with_reference(head, h, y, cap, empty, reference)
         if not entropy and self.resolve_kernel(h.device) == "fused":
             if self.path != "fused":
                 log.info("per-token losses through liger-kernel's fused linear cross-entropy")
@@ -134,6 +125,69 @@ class TokenLoss(nn.Module):
             return losses, torch.cat(entropies)[:len(losses)].detach()
         return losses
 
+    def _with_reference(self, head, h, y, cap, empty, reference):
+        """forward(reference=...): the chunked loop over the losses and the terms against the reference."""
+        self.path = "chunked"
+        n_chunks = _same_on_every_rank(math.ceil(len(y) / self.chunk_size), head, h.device)
+        chunks, padding = [], []
+        for i in range(n_chunks):
+            lo, hi = i * self.chunk_size, min((i + 1) * self.chunk_size, len(y))
+            if lo >= len(y):            # ZeRO-3: this rank has fewer chunks than another; run the head anyway
+                lo, hi = 0, 1
+            h_c, y_c = h[lo:hi], y[lo:hi]
+
+            def terms(h_c, y_c=y_c, lo=lo, hi=hi):
+                return _head_terms(head, h_c, y_c, cap, reference(lo, hi))
+            out = checkpoint(terms, h_c, use_reentrant=False) if torch.is_grad_enabled() and n_chunks > 1 \
+                else terms(h_c)
+            (chunks if i * self.chunk_size < len(y) else padding).append(out)
+        out = torch.cat(chunks, dim=1)
+        if padding:
+            out = out + 0 * torch.cat(padding, dim=1).sum()
+        out = out * 0 if empty else out
+        return out[0], {"entropy": out[1], "kl": out[2], "collision": out[3]}
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head's fp32 logits (soft-capped where the model caps them) of hidden states h."""
+        lm = self.causal_lm()
+        logits = lm.get_output_embeddings()(h).float()
+        cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor, mask: torch.Tensor, attention_mask=None, position_ids=None):
+        """This model as another's reference on the same batch: its decoder runs once (no gradient), and the
+        function returned gives its fp32 logits at the selected positions lo..hi-1, computed when asked (a chunk
+        at a time), for forward(reference=...)."""
+        h, _, _ = self.selected_hidden(input_ids, mask, attention_mask, position_ids)
+
+        def logits(lo: int, hi: int) -> torch.Tensor:
+            with torch.no_grad():
+                return self.head_logits(h[lo:hi])
+        return logits
+
+    def selected_hidden(self, input_ids, mask, attention_mask=None, position_ids=None):
+        """(the last hidden states that predict the selected positions, their target ids, whether none was
+        selected: then one stand-in position, so that the forward still runs)."""
+        lm = self.causal_lm()
+        decoder = getattr(lm, lm.base_model_prefix)
+        if position_ids is not None and "flash" in str(lm.config._attn_implementation):
+            # flash-attention finds packed sequences in one row only (varlen, no attention wasted): flatten the rows
+            input_ids, position_ids, mask = (t.reshape(1, -1) for t in (input_ids, position_ids, mask))
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state
+        # an example's first token has no prefix to be predicted from: column 0, and in a packed row every
+        # position 0 (the position before it belongs to another example)
+        mask = mask & (position_ids != 0) if position_ids is not None else mask.clone()
+        mask[:, 0] = False
+        rows, cols = mask.nonzero(as_tuple=True)
+        empty = len(rows) == 0
+        if empty:
+            rows, cols = torch.zeros(1, dtype=torch.long, device=mask.device), torch.ones(1, dtype=torch.long,
+                                                                                         device=mask.device)
+            cols = cols.clamp(max=input_ids.shape[1] - 1)
+        return hidden[rows, cols - 1], input_ids[rows, cols], empty
+
 
 def _same_on_every_rank(n: int, head: nn.Module, device: torch.device) -> int:
     """The number of LM-head chunks this forward runs: under ZeRO-3 the largest over the ranks.
@@ -145,6 +199,19 @@ def _same_on_every_rank(n: int, head: nn.Module, device: torch.device) -> int:
     t = torch.tensor([n], dtype=torch.long, device=device)   # the compute device (NCCL needs the GPU)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
+
+
+def _head_terms(head: nn.Module, h: torch.Tensor, y: torch.Tensor, cap, ref_logits: torch.Tensor) -> torch.Tensor:
+    """[4, n]: cross-entropy, entropy H(p), KL(p || q) and sum_v p_v^2 of the current prediction p against the
+    reference's q (its logits ref_logits, no gradient), at n positions."""
+    logits = head(h).float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    logp = torch.log_softmax(logits, dim=-1)
+    logq = torch.log_softmax(ref_logits.float(), dim=-1)
+    p = logp.exp()
+    ce = -logp.gather(-1, y[:, None])[:, 0]
+    return torch.stack([ce, -(p * logp).sum(-1), (p * (logp - logq)).sum(-1), (p * p).sum(-1)])
 
 
 def _head_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor, cap, entropy: bool = False):

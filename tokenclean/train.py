@@ -92,6 +92,12 @@ class OnlineHook(Protocol):
     def finish(self, accelerator) -> None:
         """After the last step: share what every rank decided."""
 
+    # Optional: forward_inputs(accelerator, idx, batch) -> dict of extra keyword arguments for the training forward
+    # of examples idx (EKSFT: reference=, a reference model's logits on the batch). The forward then returns
+    # (losses, terms: dict of per-position tensors with gradients) and weigh is called as weigh(idx, losses,
+    # n_kept, terms): it returns the one tensor whose sum over the step, divided by the step's normaliser, is the
+    # step's loss (regularisers beyond the weighted cross-entropy fold into it with their own per-step counts).
+
     def shared_state(self) -> dict:
         """What a resume state keeps of the decisions so far (the same on every rank)."""
 
@@ -366,12 +372,18 @@ def _fit(accelerator, p, input_ids, keep, cfg, pad_id, on_step, desc, online, ch
                 # sync_gradients is set, which it is unless told otherwise: only the step's last micro-batch may
                 accelerator.gradient_state._set_sync_gradients(sync)
             ctx = accelerator.no_sync(model) if not sync and not p.is_deepspeed else contextlib.nullcontext()
+            extra = online.forward_inputs(accelerator, idx, batch) if hasattr(online, "forward_inputs") else {}
             with ctx:
                 with accelerator.autocast():
-                    losses = model(**batch)
+                    losses = model(**batch, **extra)
+                terms = None
+                if extra:
+                    losses, terms = losses
                 if weights is not None:
                     losses = losses * weights
-                if online is not None:
+                if terms is not None:
+                    losses, n_kept = online.weigh(idx, losses, n_kept, terms)
+                elif online is not None:
                     losses, n_kept = online.weigh(idx, losses, n_kept)
                 loss = losses.sum() * (scale / normaliser(n_kept))
                 accelerator.backward(loss)

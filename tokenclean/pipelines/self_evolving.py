@@ -104,7 +104,8 @@ def train_round(job: Job, t: int, first: int, chunks: list[Examples], indices: l
             st.info["eval_base"] = job.evaluate(model.model, "base", round_index=0)
             job.base_signals(model.model, [(artefacts.chunk(r), chunks[r]) for r in range(1, len(chunks))])
         elif job.scored and job.scorer.online:   # ranked per batch while this round trains: no reference pass
-            selector = job.online_selector(chunk.target, names)
+            selector = job.online_selector(chunk.target, names, reference=previous)   # theta_t, for a scorer
+            #                                                                    that reads it while training
         else:
             # the warm-up model's losses on this chunk, as the reference stage stored them (not recomputed)
             stored = job.load_array(artefacts.POOL.reference_losses).select(indices[k]) if t == first else None

@@ -14,6 +14,8 @@ instead of comparing names. Adding a scorer is one module here, one YAML in conf
   profit        p_current = exp(-l_current)    (ProFit)     nothing                online, own rule: p >= tau
   forgetting    l_base - l_ref; dropped ones unlearned       base + reference      offline (as influence); trains
                 with weight -lambda(step)     (Forgetting)                         its decision with signed weights
+  eksft         KL(p_cur || p_ref), H(p_cur): the top       reference model       online, own rule: the top 20% by
+                20% leave the CE, regularised  (EKSFT)      (in memory)           KL and/or entropy per step
   (baselines)   selection=random, selection=all            nothing                offline
 
 The reference is the fixed pipeline's warm-up model, or in self-evolving rounds the current model theta_t.
@@ -76,6 +78,12 @@ class Scorer:
     # n_steps) -> a train.OnlineHook over the stage (Forgetting: -lambda(step) on the dropped tokens), with
     # .weights_ragged() (each token's weight when last trained: cleaned.parquet's weights) and .summary()
     step_weights: Callable | None = None
+    # online scorers that need the reference *model* while training, not cached losses (EKSFT: KL to it per
+    # position): online_hook(cfg, target, reference) -> a train.OnlineHook used instead of online.OnlineSelector,
+    # with reference a TokenLoss of the stage's reference (the fixed pipeline's warm-up model; a self-evolving
+    # round's theta_t) on this rank's device; it has the selector's scores_ragged/keep_ragged/summary, and
+    # arrays() (rel -> Ragged: stored beside the scores)
+    online_hook: Callable | None = None
 
 
 def names() -> list[str]:
