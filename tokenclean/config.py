@@ -58,6 +58,7 @@ TRCenter = choices("TRCenter", "data", "words")
 TRDistance = choices("TRDistance", "cosine", "l2")
 TRScope = choices("TRScope", "global", "sample")
 NegativeNorm = choices("NegativeNorm", "dropped", "kept")
+SsTokenHistory = choices("SsTokenHistory", "base", "snapshot", "ema")
 Method = choices("Method", "global", "sample", "threshold", "random", "all", "soft")
 LRSchedule = choices("LRSchedule", "linear", "cosine", "constant")
 MixedPrecision = choices("MixedPrecision", "auto", "bf16", "no")
@@ -166,15 +167,27 @@ class ForgettingConfig:
 
 
 @dataclass
+class SsTokenConfig:
+    """ssToken (Qin et al., ICLR 2026): gamma norm(REL) + (1 - gamma) attention, the top keep_ratio of each sample."""
+    gamma: float = doc(0.5, "the weight of the per-sample min-max normalised REL = l_history - l_current against the "
+                            "last layer's attention to the prompt (the reference code's --ratio, 0.5)")
+    warmup: float = doc(0.2, "share of each epoch's examples (in training order) scored by the attention alone, "
+                             "gamma = 0 (the reference code: its first 10000 examples of 50k, every epoch; 0 = none)")
+    history: SsTokenHistory = doc(SsTokenHistory.base, "the history model of REL: base (the released code: the "
+                                  "base's losses, cached once) | snapshot, ema (the paper's; not built yet: refused)")
+
+
+@dataclass
 class ScorerConfig:
     name: str = doc("influence", "a module of tokenclean/scorers/ (influence, rho, self_online, xtf, entropy, "
-                                 "profit, forgetting): its docstring says what it scores")
+                                 "profit, forgetting, sstoken): its docstring says what it scores")
     online_scope: OnlineScope = doc(OnlineScope.step, "online scorers: rank over the whole optimiser step (all "
                                     "micro-batches and ranks; a no-grad pre-pass when the step spans several "
                                     "forwards) | micro: each forward alone (tokenclean/scorers/online.py)")
     xtf: XTFConfig = field(default_factory=XTFConfig)
     profit: ProfitConfig = field(default_factory=ProfitConfig)
     forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
+    sstoken: SsTokenConfig = field(default_factory=SsTokenConfig)
 
 
 @dataclass

@@ -289,6 +289,8 @@ class Job:
         `names`: the base's, the reference's, or none) and its own rule where it has one."""
         s, scorer = self.cfg.selection, self.scorer
         cached = {"base": names.base_losses, "reference": names.reference_losses, None: None}[scorer.cached]
+        if scorer.online_selector is not None:   # a selector of its own (ssToken)
+            return scorer.online_selector(self.cfg, self.load_array(cached) if cached else None, target)
         rule = scorer.online_rule(self.cfg) if scorer.online_rule is not None else None
         return OnlineSelector(scorer.online_score, self.load_array(cached) if cached else None, target, s.method,
                               s.keep_ratio, s.threshold, self.cfg.scorer.online_scope, s.temperature, rule=rule)

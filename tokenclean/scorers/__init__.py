@@ -14,6 +14,9 @@ instead of comparing names. Adding a scorer is one module here, one YAML in conf
   profit        p_current = exp(-l_current)    (ProFit)     nothing                online, own rule: p >= tau
   forgetting    l_base - l_ref; dropped ones unlearned       base + reference      offline (as influence); trains
                 with weight -lambda(step)     (Forgetting)                         its decision with signed weights
+  sstoken       g norm(l_base - l_current) + (1 - g) A     cached l_base,         online, per sample (selection=
+                A: last layer's attention to the prompt     the last layer's q/k   sample); attention alone in the
+                                              (ssToken)                            warm-up
   (baselines)   selection=random, selection=all            nothing                offline
 
 The reference is the fixed pipeline's warm-up model, or in self-evolving rounds the current model theta_t.
@@ -76,6 +79,10 @@ class Scorer:
     # n_steps) -> a train.OnlineHook over the stage (Forgetting: -lambda(step) on the dropped tokens), with
     # .weights_ragged() (each token's weight when last trained: cleaned.parquet's weights) and .summary()
     step_weights: Callable | None = None
+    # online scorers whose per-batch choice needs more than score(cached, current) (ssToken: per-sample
+    # normalisation and the last layer's attention): online_selector(cfg, cached, target) -> an OnlineHook with
+    # OnlineSelector's results (scores_ragged, keep_ratio, summary), used instead of OnlineSelector
+    online_selector: Callable | None = None
 
 
 def names() -> list[str]:
