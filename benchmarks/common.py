@@ -48,6 +48,7 @@ METHODS = {
     "soft (influence)": ["scorer=influence", "selection=soft"],
     "profit": ["scorer=profit"],
     "forgetting": ["scorer=forgetting"],
+    "sstoken": ["scorer=sstoken", "selection=sample"],   # ranks within each sample (its REL is normalised there)
 }
 
 
