@@ -13,10 +13,11 @@ from tests.test_config import typed
 from tests.test_scorers import hand_batch
 from tests.test_scorers_e2e import planned_steps
 from tokenclean import scorers
-from tokenclean.config import ConfigError
+from tokenclean.config import ConfigError, TrainingConfig
 from tokenclean.losses import TokenLoss, collate
 from tokenclean.ragged import Ragged
 from tokenclean.scorers.sstoken import LastLayerAttention, SsTokenSelector, batch_attention, prompt_attention
+from tokenclean.train import fit, prepare
 
 CLI = [*TINY, "data.limit=120", "scorer=sstoken", "selection=sample"]
 dist_env = dist.dist_env   # test_distributed's fixture: the launched processes' environment
@@ -49,6 +50,48 @@ def test_score_and_decision_by_hand():
     assert sel.rank([0, 1], current)[1].tolist() == r16([0.4, 0.0, 1.0, 0.0, 1.0]).tolist()
 
 
+def test_a_history_model_replaces_the_cached_base_losses():
+    target, base = hand_batch()
+    sel = SsTokenSelector(base, target, 0.67, 1.0, 0.0, 2, history="ema")
+    sel.history, sel._history_losses = object(), np.array([3.0, 2.0, 1.0, 1.0, 1.0])   # as its forward returned
+    sel._attention, sel._warm = np.zeros(5), {0: False, 1: False}
+    # REL = history - current = 2, 1, 0 and 0, 0: min-max 1, 0.5, 0 and a constant (0, 0)
+    assert sel.rank([0, 1], np.array([1.0, 1.0, 1.0, 1.0, 1.0]))[1].tolist() == [1.0, 0.5, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("history", ["ema", "snapshot"])
+def test_the_history_copy_is_the_ema_or_the_snapshot_of_the_weights(tiny_lm, accelerator, history):
+    """Three steps: the EMA (decay 0.5) is h0 = the initial weights, h1 = (h0 + w1) / 2, h2 = (h1 + w2) / 2 at the
+    start of step 3 (w_s: after s steps), the snapshot (every 2) is w2; at step 1 the history is the model itself,
+    so REL is 0 and each score is (1 - gamma) A: half the attention term."""
+    ids, tgt = random_examples(12, seed=7)
+    cfg = TrainingConfig(lr=1e-2, batch_size=4, micro_batch_size=4, max_steps=3, warmup_ratio=0.0,
+                         max_grad_norm=1e9, schedule="constant", mixed_precision="no")
+    lm = tiny_lm(seed=3)
+    names = [n for n, p in lm.named_parameters()]
+    w = [{n: p.detach().clone() for n, p in lm.named_parameters()}]
+    sel = SsTokenSelector(tgt.like(np.zeros(len(tgt.values), np.float32)), tgt, 0.6, 0.5, 0.0, 4, history,
+                          snapshot_every=2, ema_decay=0.5)
+    first = {}
+
+    def on_step(i, m):
+        w.append({n: p.detach().clone() for n, p in lm.named_parameters()})
+        if i == 0:
+            first.update(scores=sel.scores.copy(), attention=sel._attention.copy())
+    p = prepare(accelerator, lm, len(ids), cfg, 0)
+    fit(accelerator, p, ids, tgt, cfg, 0, on_step=on_step, online=sel)
+    got = dict(zip(names, (h for h in sel.history.parameters())))
+    for n in names:
+        if history == "ema":
+            want = w[0][n].clone().mul_(0.5).add_(w[1][n], alpha=0.5).mul_(0.5).add_(w[2][n], alpha=0.5)
+        else:
+            want = w[2][n]
+        assert torch.equal(got[n], want), n
+    step0 = p.steps[0]
+    pos = np.concatenate([tgt.offsets[i] + np.flatnonzero(tgt[i]) for i in step0])
+    np.testing.assert_array_equal(first["scores"][pos], r16(0.5 * first["attention"]).astype(np.float32))
+
+
 def test_warmup_is_a_share_of_each_epochs_examples():
     target = Ragged.from_list([[0, 1]] * 10, bool)
     sel = SsTokenSelector(None, target, 0.6, 0.5, warmup=0.5, batch_size=4)   # 3 steps per epoch, 5 warm examples
@@ -63,7 +106,8 @@ def test_validation_names_the_override():
     for overrides, message in [
         (["selection=sample", "scorer.sstoken.gamma=1.5"], "scorer.sstoken.gamma=1.5: the weight of norm(REL)"),
         (["selection=sample", "scorer.sstoken.warmup=-0.1"], "scorer.sstoken.warmup=-0.1: a share of each epoch"),
-        (["selection=sample", "scorer.sstoken.history=ema"], "scorer.sstoken.history='ema': not built yet"),
+        (["selection=sample", "scorer.sstoken.snapshot_every=0"], "scorer.sstoken.snapshot_every=0: a step count"),
+        (["selection=sample", "scorer.sstoken.ema_decay=1"], "scorer.sstoken.ema_decay=1.0: the EMA's decay"),
         ([], "selection.method='global': scorer=sstoken keeps the top selection.keep_ratio of each sample"),
         (["selection.keep_ratio=1.5", "selection=sample"], "selection.keep_ratio=1.5"),
     ]:
@@ -162,6 +206,21 @@ def test_a_run_killed_mid_training_resumes_to_the_same_end(fixed_run, tmp_path):
     assert same_weights(resumed / "final", fixed_run / "final")
 
 
+def test_an_ema_history_resumes_to_the_same_end(tmp_path):
+    """The history copy is part of the resume state: killed after step 3 (saved after 2), the rerun ends as the
+    uninterrupted run does."""
+    args = [*CLI, "scorer.sstoken.history=ema", "scorer.sstoken.ema_decay=0.5"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_cli(args, whole)
+    killed = run_cli([*args, "training.save_every=2"], resumed, script=ROOT / "tests/scripts/kill_run.py",
+                     env={"KILL_AT": "train:final:3"}, check=False)
+    assert killed.returncode == -9
+    assert "resuming final after step 2" in run_cli([*args, "training.save_every=2"], resumed).stderr
+    for rel in ("keep", "scores"):
+        np.testing.assert_array_equal(load_array(resumed / rel).values, load_array(whole / rel).values)
+    assert same_weights(resumed / "final", whole / "final")
+
+
 def test_self_evolving_rounds_after_the_first_select_with_it(tmp_path):
     run = tmp_path / "se"
     run_cli([*CLI, "pipeline=self_evolving", "pipeline.chunks=2"], run)
@@ -173,10 +232,13 @@ def test_self_evolving_rounds_after_the_first_select_with_it(tmp_path):
     assert st["round_0"]["tokens_kept"] == st["round_0"]["tokens_target"]
 
 
-def test_ddp_two_processes_equal_one(dist_env, tmp_path):
+@pytest.mark.parametrize("history", ["base", "ema"])
+def test_ddp_two_processes_equal_one(dist_env, tmp_path, history):
     """Each sample is ranked from its own training forward, so 2 processes x 2 micro-batches choose what 1 process
-    chooses, and the step's normaliser (the sum of floor(0.6 n) over its samples) is the same: the same update."""
-    job = [*CLI, "data.eval_size=16", "training.micro_batch_size=2", "training.max_steps=4"]
+    chooses, and the step's normaliser (the sum of floor(0.6 n) over its samples) is the same: the same update.
+    history=ema: every rank keeps the same EMA copy and runs it on its own micro-batches."""
+    job = [*CLI, "data.eval_size=16", "training.micro_batch_size=2", "training.max_steps=4",
+           f"scorer.sstoken.history={history}", "scorer.sstoken.ema_decay=0.5"]
     one, two = tmp_path / "one", tmp_path / "two"
     dist.run_ok(dist_env, tmp_path, [*job, f"hydra.run.dir={one}"], config="single.yaml")
     dist.run_ok(dist_env, tmp_path, [*job, f"hydra.run.dir={two}"], config="ddp.yaml",

@@ -174,7 +174,12 @@ class SsTokenConfig:
     warmup: float = doc(0.2, "share of each epoch's examples (in training order) scored by the attention alone, "
                              "gamma = 0 (the reference code: its first 10000 examples of 50k, every epoch; 0 = none)")
     history: SsTokenHistory = doc(SsTokenHistory.base, "the history model of REL: base (the released code: the "
-                                  "base's losses, cached once) | snapshot, ema (the paper's; not built yet: refused)")
+                                  "base's losses, cached once) | ema (an EMA of the weights, ema_decay) | snapshot "
+                                  "(the weights every snapshot_every steps); ema and snapshot keep a second copy of "
+                                  "the trainable weights and run it once per micro-batch")
+    snapshot_every: int = doc(100, "history=snapshot: the history becomes the current weights at every step s with s % "
+                                   "snapshot_every == 0")
+    ema_decay: float = doc(0.99, "history=ema: h <- ema_decay h + (1 - ema_decay) theta after every optimiser step")
 
 
 @dataclass

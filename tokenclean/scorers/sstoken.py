@@ -17,13 +17,20 @@ What "the prompt" is: the reference takes the first `prompt_len = number of labe
 prompt of a single-turn sample; here the keys are every non-response position before j, the same set there and
 the reasonable one for multi-turn samples.
 
-History model. `history=base` (the released code): l_history is the base's per-token losses, cached once before
-training (as self_online, whose score is this REL without the attention term and without the per-sample ranking).
-The paper's other histories (an earlier snapshot of the model, an EMA of it) are not built: each needs, per step,
-the history model's losses on the step's tokens, either from a second model copy (+1 copy of the weights in memory,
-+1 no-grad forward per step; an EMA also updates its copy after every optimiser step) or from losses cached at the
-snapshot (exact only for tokens scored at that snapshot, so a full pass over the pool per snapshot).
-scorer.sstoken.history=snapshot|ema is refused with a one-line ConfigError.
+History model (scorer.sstoken.history). `base` (the released code): l_history is the base's per-token losses, cached
+once before training (as self_online, whose score is this REL without the attention term and without the
+per-sample ranking). `ema` and `snapshot` (the paper's other histories) keep a copy of the model beside the one that
+trains, with no gradient, and run it (eval mode, no grad) on every training micro-batch for l_history:
+  ema       h <- d h + (1 - d) theta after every optimiser step (scorer.sstoken.ema_decay = d; h starts as the base),
+            applied at the next step's start, so step s ranks against an average lagging d / (1 - d) steps;
+  snapshot  h <- theta at the start of every step s with s % N == 0 (scorer.sstoken.snapshot_every = N): step s ranks
+            against the model after N floor(s / N) steps, s mod N steps behind; at a refresh step REL is 0 for every
+            token and the scores are (1 - gamma) A (REL's min-max of a constant is 0).
+Their cost, exactly: memory, one more copy of the *trainable* weights per rank (frozen ones, e.g. the base under
+LoRA, are shared with the training model), in the weights' dtype, and its copy in each resume state; compute, one
+no-grad forward per micro-batch (about a third of a training step's compute). Not under DeepSpeed ZeRO-3 (the copy
+needs whole weights; refused when the first step starts). The base pass still runs before training (the
+declaration caches the base's losses); its losses go unused there.
 
 Attention without eager attention for the whole model. The training forward keeps the model's attention
 implementation (sdpa, flash, eager). The last decoder layer's attention module gets a config of its own whose
@@ -52,6 +59,7 @@ import numpy as np
 
 from tokenclean import selection
 from tokenclean.config import ConfigError, Method, check
+from tokenclean.losses import collate
 from tokenclean.ragged import Ragged
 from tokenclean.scorers import Scorer
 from tokenclean.scorers.online import OnlineSelector, round_to_resolution
@@ -193,9 +201,16 @@ class SsTokenSelector(OnlineSelector):
     order (n = the stage's examples, batch_size per step) are scored by the attention alone."""
 
     def __init__(self, cached: Ragged | None, target: Ragged, keep_ratio: float, gamma: float, warmup: float,
-                 batch_size: int):
+                 batch_size: int, history: str = "base", snapshot_every: int = 100, ema_decay: float = 0.99):
         super().__init__(None, cached, target, "sample", keep_ratio, None, "micro")
         self.gamma, self.warmup, self.batch_size = gamma, warmup, batch_size
+        assert history in ("base", "snapshot", "ema"), history
+        self.history_kind, self.snapshot_every, self.ema_decay = str(history), snapshot_every, ema_decay
+        self.history = None          # snapshot / ema: the history model (a TokenLoss without gradient)
+        self._pairs = []             # (trainable parameter, its copy in the history model)
+        self._saved_history = None   # a resumed run's history weights, until the copy exists
+        self._history_losses = None
+        self._acc = self.input_ids = None
         self.steps_per_epoch = max(1, math.ceil(len(target) / batch_size))
         self.recorder = None
         self._warm = {}
@@ -210,21 +225,65 @@ class SsTokenSelector(OnlineSelector):
 
     def begin_step(self, accelerator, model, step, micro, n_micro, micro_size, input_ids, pad_id):
         if self.recorder is None:
-            self.recorder = LastLayerAttention(accelerator.unwrap_model(model))
+            token_loss = accelerator.unwrap_model(model)
+            if self.history_kind != "base":
+                self._copy_history(token_loss)       # before the recorder: the copy records nothing
+            self.recorder = LastLayerAttention(token_loss)
         out = super().begin_step(accelerator, model, step, micro, n_micro, micro_size, input_ids, pad_id)
         self._warm = self.warm(self._step_i, step)
+        self._acc, self.input_ids = accelerator, input_ids
+        if self.history is not None and self._step_i > 0:
+            self._update_history()
         return out
+
+    def _copy_history(self, token_loss) -> None:
+        import torch
+        if any(hasattr(p, "ds_id") for p in token_loss.parameters()):
+            raise ConfigError(f"scorer.sstoken.history={self.history_kind!r}: the history copy needs whole weights, "
+                              "not DeepSpeed ZeRO-3 shards; use DDP or ZeRO-2, or scorer.sstoken.history=base")
+        self.history = copy.deepcopy(token_loss).eval()
+        self._pairs = []
+        for p, h in zip(token_loss.parameters(), self.history.parameters()):
+            h.requires_grad_(False)
+            if p.requires_grad:
+                self._pairs.append((p, h))
+            else:
+                h.data = p.data                        # frozen: shared, not copied
+        if self._saved_history is not None:
+            with torch.no_grad():
+                for (_, h), saved in zip(self._pairs, self._saved_history):
+                    h.copy_(saved)
+            self._saved_history = None
+
+    def _update_history(self) -> None:
+        import torch
+        with torch.no_grad():
+            if self.history_kind == "ema":
+                for p, h in self._pairs:
+                    h.mul_(self.ema_decay).add_(p.detach(), alpha=1.0 - self.ema_decay)
+            elif self._step_i % self.snapshot_every == 0:
+                for p, h in self._pairs:
+                    h.copy_(p.detach())
+
+    def _history_forward(self, idx) -> np.ndarray:
+        """The history model's losses on the response tokens of examples idx, batched as fit batched them."""
+        import torch
+        batch = {k: v.to(self._acc.device) for k, v in collate(self.input_ids, self.target, idx, packed=True).items()}
+        with torch.no_grad(), self._acc.autocast():
+            return self.history(**batch).float().cpu().numpy().astype(np.float64)
 
     def weigh(self, idx, losses, n_kept):
         if len(idx):
             self._attention = batch_attention(self.recorder, self.target, idx)
             self.warmup_samples += sum(self._warm[int(i)] for i in idx)
+            self._history_losses = self._history_forward(idx) if self.history is not None else None
         return super().weigh(idx, losses, n_kept)
 
     def rank(self, idx, current):
         pos = self._positions(idx)
         assert len(pos) == len(current) == len(self._attention), (len(pos), len(current), len(self._attention))
-        rel = round_to_resolution(self.cached[pos].astype(np.float64) - np.asarray(current, np.float64))
+        past = self._history_losses if self.history is not None else self.cached[pos].astype(np.float64)
+        rel = round_to_resolution(past - np.asarray(current, np.float64))
         s = np.empty(len(pos), np.float64)
         lo = 0
         for i in idx:
@@ -244,14 +303,17 @@ class SsTokenSelector(OnlineSelector):
         if self.recorder is not None:
             self.recorder.remove()
             self.recorder = None
+        self.history, self._pairs = None, []
         super().finish(accelerator)
 
     def shared_state(self) -> dict:
-        return {**super().shared_state(), "warmup_samples": self.warmup_samples}
+        return {**super().shared_state(), "warmup_samples": self.warmup_samples,
+                "history": [h.detach().cpu().clone() for _, h in self._pairs]}
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
         self.warmup_samples = int(state["warmup_samples"])
+        self._saved_history = list(state["history"]) or None
 
     def summary(self) -> dict:
         return {**super().summary(), "sstoken_warmup_samples": int(self.warmup_samples)}
@@ -259,16 +321,16 @@ class SsTokenSelector(OnlineSelector):
 
 def online_selector(cfg, cached: Ragged | None, target: Ragged) -> SsTokenSelector:
     s = cfg.scorer.sstoken
-    return SsTokenSelector(cached, target, cfg.selection.keep_ratio, s.gamma, s.warmup, cfg.training.batch_size)
+    return SsTokenSelector(cached, target, cfg.selection.keep_ratio, s.gamma, s.warmup, cfg.training.batch_size,
+                           str(s.history), s.snapshot_every, s.ema_decay)
 
 
 def validate(cfg) -> None:
     s = cfg.scorer.sstoken
     check(0 <= s.gamma <= 1, "scorer.sstoken.gamma", s.gamma, "the weight of norm(REL) against attention: in [0, 1]")
     check(0 <= s.warmup <= 1, "scorer.sstoken.warmup", s.warmup, "a share of each epoch's examples: in [0, 1]")
-    check(s.history == "base", "scorer.sstoken.history", s.history,
-          "not built yet: only history=base (the released code's cached base losses); a snapshot or EMA history "
-          "needs a second model copy per rank (tokenclean/scorers/sstoken.py)")
+    check(s.snapshot_every >= 1, "scorer.sstoken.snapshot_every", s.snapshot_every, "a step count: at least 1")
+    check(0 <= s.ema_decay < 1, "scorer.sstoken.ema_decay", s.ema_decay, "the EMA's decay: in [0, 1)")
     check(cfg.selection.method == Method.sample, "selection.method", cfg.selection.method,
           "scorer=sstoken keeps the top selection.keep_ratio of each sample (its REL is normalised per sample); "
           "use selection=sample")
