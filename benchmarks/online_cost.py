@@ -1,6 +1,7 @@
 """The per-step cost of an online scorer against plain SFT: `train.fit` on the same examples and plan of steps, every
 response token trained (plain), chosen per batch from cached base losses (self_online), or by ssToken (the same
-plus the last layer's recorded q/k and that layer's attention recomputed per forward). Repetitions alternate the
+plus the last layer's recorded q/k and that layer's attention recomputed per forward; with history=ema also the EMA
+update of a copy of the weights and its no-grad forward per micro-batch). Repetitions alternate the
 methods, so that a shared machine's load falls on all of them alike; the figure is the median over repetitions of
 a run's seconds per optimiser step. The base pass that both online scorers need once (their cached losses) is timed
 apart.
@@ -49,9 +50,10 @@ def measure(model: str = "tiny", examples: int = 160, reps: int = 5, threads: in
             return None
         if kind == "self_online":
             return OnlineSelector(learned_since_base, base, data.target, "sample", 0.6)
-        return SsTokenSelector(base, data.target, 0.6, 0.5, 0.2, batch)
+        history = "ema" if kind == "sstoken (history=ema)" else "base"
+        return SsTokenSelector(base, data.target, 0.6, 0.5, 0.2, batch, history)
 
-    kinds = ("plain", "self_online", "sstoken")
+    kinds = ("plain", "self_online", "sstoken", "sstoken (history=ema)")
     per_step = {k: [] for k in kinds}
     steps = None
     for _ in range(reps):
@@ -81,7 +83,8 @@ def write(r: dict, out, cmd: str) -> None:
              f"median over {r['reps']} alternating repetitions of a run's median step. The base pass the online "
              f"scorers need once: {r['base_pass_seconds']:.2f} s. plain = every response token; self_online = "
              "l_base - l_current per sample (selection=sample); sstoken = the same plus the last layer's q/k recorded "
-             "and its attention to the prompt recomputed (no gradient), the per-sample normalisation and gamma.",
+             "and its attention to the prompt recomputed (no gradient), the per-sample normalisation and gamma; "
+             "history=ema adds the EMA update of a copy of the weights and its no-grad forward per micro-batch.",
              "",
              "| method | s / step | vs plain SFT |", "|---|---|---|"]
     for k, v in r["median_step_seconds"].items():
