@@ -89,6 +89,12 @@ def write(r: dict, out, cmd: str) -> None:
              "| method | s / step | vs plain SFT |", "|---|---|---|"]
     for k, v in r["median_step_seconds"].items():
         lines.append(f"| {k} | {v * 1000:.1f} ms | {v / plain:.2f}x |")
+    lines += ["", "At this size (the tiny model: 2 layers, 64 wide) a step's fixed Python and numpy work weighs "
+              "much, and the machine's load moves the ratios by about 0.3 from run to run. Not measured here, by "
+              "count: ssToken's attention term is one layer's q k^T and softmax without gradient (a 30-layer "
+              "model's training step runs 3 x 30 such products, forward and backward), and history=ema's extra "
+              "no-grad forward is about a third of a training step at any size, plus one copy of the trainable "
+              "weights in memory."]
     write_section(f"online_cost_{r['model']}", "\n".join(lines), out)
 
 
