@@ -81,7 +81,7 @@ class Scorer:
     step_weights: Callable | None = None
     # online scorers whose per-batch choice needs more than score(cached, current) (ssToken: per-sample
     # normalisation and the last layer's attention): online_selector(cfg, cached, target) -> an OnlineHook with
-    # OnlineSelector's results (scores_ragged, keep_ratio, summary), used instead of OnlineSelector
+    # OnlineSelector's results (scores_ragged, keep_ragged, summary), used instead of OnlineSelector
     online_selector: Callable | None = None
 
 
