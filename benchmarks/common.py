@@ -49,6 +49,7 @@ METHODS = {
     "profit": ["scorer=profit"],
     "forgetting": ["scorer=forgetting"],
     "eksft": ["scorer=eksft"],
+    "sstoken": ["scorer=sstoken", "selection=sample"],   # ranks within each sample (its REL is normalised there)
 }
 
 

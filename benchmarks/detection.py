@@ -8,8 +8,8 @@ truth known per token); writes results/scorers*.md (+ .csv, .json, .png).
 Metrics over response tokens, "noise" = injected: ROC-AUC of each scorer's noise score (minus its keep score),
 overall and per kind (that kind against clean tokens), and precision / recall of the set the scorer drops at its
 configured ratio (recall per kind too), plus the share of clean tokens dropped. Every scorer of tokenclean/scorers/
-is a row (influence, rho, self_online, xtf, entropy, profit, forgetting, eksft), beside the baselines (selection=all,
-selection=random).
+is a row (influence, rho, self_online, xtf, entropy, profit, forgetting, eksft, sstoken), beside the baselines
+(selection=all, selection=random).
 """
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def detect(model: str = "tiny", source: str = "builtin:chatterbot", n_train: int
     from tokenclean.scorers.online import OnlineSelector
     from tokenclean.scorers.rho import excess_loss
     from tokenclean.scorers.self_online import learned_since_base
+    from tokenclean.scorers.sstoken import SsTokenSelector
     from tokenclean.train import fit, prepare
 
     t_all, commit = time.perf_counter(), code_commit()
@@ -170,6 +171,13 @@ def detect(model: str = "tiny", source: str = "builtin:chatterbot", n_train: int
         f"per training step, top {e.top_k_ratio:.0%} by KL(cur || warm-up ref) and by entropy, {e.criterion} removed "
         "(its own share); AUC of the KL when the token was trained")
     del ref_model
+    sst = cfg.scorer.sstoken
+    online = SsTokenSelector(base, target, keep_ratio, sst.gamma, sst.warmup, tcfg.batch_size)
+    trained_on(T, target, "online sstoken", online=online)
+    online.finish(acc)
+    add("sstoken (g norm(REL) + (1 - g) attention), sample", -online.scores, online.keep,
+        f"per sample while training, gamma={sst.gamma}, attention alone for the first {sst.warmup:.0%} of the epoch; "
+        "score when the token was trained")
 
     meta = {"model": model, "source": source, "n_train": n_train, "n_warmup": n_warmup, "data_seed": data_seed,
             "seed": seed, "keep_ratio": keep_ratio, "max_length": max_length, "examples": len(T.input_ids),

@@ -60,6 +60,7 @@ TRScope = choices("TRScope", "global", "sample")
 NegativeNorm = choices("NegativeNorm", "dropped", "kept")
 EKSFTCriterion = choices("EKSFTCriterion", "kl", "entropy", "union", "intersection")
 EKSFTKLForm = choices("EKSFTKLForm", "reference_code", "kl")
+SsTokenHistory = choices("SsTokenHistory", "base", "snapshot", "ema")
 Method = choices("Method", "global", "sample", "threshold", "random", "all", "soft")
 LRSchedule = choices("LRSchedule", "linear", "cosine", "constant")
 MixedPrecision = choices("MixedPrecision", "auto", "bf16", "no")
@@ -194,9 +195,25 @@ class EKSFTConfig:
 
 
 @dataclass
+class SsTokenConfig:
+    """ssToken (Qin et al., ICLR 2026): gamma norm(REL) + (1 - gamma) attention, the top keep_ratio of each sample."""
+    gamma: float = doc(0.5, "the weight of the per-sample min-max normalised REL = l_history - l_current against the "
+                            "last layer's attention to the prompt (the reference code's --ratio, 0.5)")
+    warmup: float = doc(0.2, "share of each epoch's examples (in training order) scored by the attention alone, "
+                             "gamma = 0 (the reference code: its first 10000 examples of 50k, every epoch; 0 = none)")
+    history: SsTokenHistory = doc(SsTokenHistory.base, "the history model of REL: base (the released code: the "
+                                  "base's losses, cached once) | ema (an EMA of the weights, ema_decay) | snapshot "
+                                  "(the weights every snapshot_every steps); ema and snapshot keep a second copy of "
+                                  "the trainable weights and run it once per micro-batch")
+    snapshot_every: int = doc(100, "history=snapshot: the history becomes the current weights at every step s with s % "
+                                   "snapshot_every == 0")
+    ema_decay: float = doc(0.99, "history=ema: h <- ema_decay h + (1 - ema_decay) theta after every optimiser step")
+
+
+@dataclass
 class ScorerConfig:
     name: str = doc("influence", "a module of tokenclean/scorers/ (influence, rho, self_online, xtf, entropy, "
-                                 "profit, forgetting, eksft): its docstring says what it scores")
+                                 "profit, forgetting, eksft, sstoken): its docstring says what it scores")
     online_scope: OnlineScope = doc(OnlineScope.step, "online scorers: rank over the whole optimiser step (all "
                                     "micro-batches and ranks; a no-grad pre-pass when the step spans several "
                                     "forwards) | micro: each forward alone (tokenclean/scorers/online.py)")
@@ -204,6 +221,7 @@ class ScorerConfig:
     profit: ProfitConfig = field(default_factory=ProfitConfig)
     forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
     eksft: EKSFTConfig = field(default_factory=EKSFTConfig)
+    sstoken: SsTokenConfig = field(default_factory=SsTokenConfig)
 
 
 @dataclass

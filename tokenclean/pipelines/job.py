@@ -287,17 +287,20 @@ class Job:
     def online_selector(self, target: Ragged, names: Arrays, reference: str | Path | None = None):
         """The online scorer's per-batch selector over `target`, with the losses its declaration caches (stored at
         `names`: the base's, the reference's, or none) and its own rule where it has one. A scorer that needs the
-        reference model itself while training (Scorer.online_hook: EKSFT) gets its own hook, with a whole copy of
+        scorer with a hook of its own (Scorer.online_hook) gets it, and with Scorer.reference_model a whole copy of
         the stage's reference (`reference`: its checkpoint; default the fixed pipeline's warm-up model)."""
         s, scorer = self.cfg.selection, self.scorer
-        if scorer.online_hook is not None:
-            with self.timers.part("load"):
-                model = self.scoring_model(str(reference or self.run.path / "reference"))
-            model.eval().requires_grad_(False)
-            return scorer.online_hook(self.cfg, target, model)
         cached = {"base": names.base_losses, "reference": names.reference_losses, None: None}[scorer.cached]
+        cached = self.load_array(cached) if cached else None
+        if scorer.online_hook is not None:   # a hook of its own (ssToken, EKSFT)
+            model = None
+            if scorer.reference_model:
+                with self.timers.part("load"):
+                    model = self.scoring_model(str(reference or self.run.path / "reference"))
+                model.eval().requires_grad_(False)
+            return scorer.online_hook(self.cfg, target, cached, model)
         rule = scorer.online_rule(self.cfg) if scorer.online_rule is not None else None
-        return OnlineSelector(scorer.online_score, self.load_array(cached) if cached else None, target, s.method,
+        return OnlineSelector(scorer.online_score, cached, target, s.method,
                               s.keep_ratio, s.threshold, self.cfg.scorer.online_scope, s.temperature, rule=rule)
 
     def finish_online(self, selector, names: Arrays) -> dict:
@@ -305,7 +308,7 @@ class Job:
         selector.finish(self.acc)
         self.save_array(selector.scores_ragged(), names.scores)
         self.save_array(selector.keep_ragged(), names.keep)
-        for rel, array in (selector.arrays().items() if hasattr(selector, "arrays") else ()):
+        for rel, array in selector.arrays().items():
             self.save_array(array, names.scorer_array(rel))
         return selector.summary()
 

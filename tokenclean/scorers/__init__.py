@@ -16,6 +16,9 @@ instead of comparing names. Adding a scorer is one module here, one YAML in conf
                 with weight -lambda(step)     (Forgetting)                         its decision with signed weights
   eksft         KL(p_cur || p_ref), H(p_cur): the top       reference model       online, own rule: the top 20% by
                 20% leave the CE, regularised  (EKSFT)      (in memory)           KL and/or entropy per step
+  sstoken       g norm(l_base - l_current) + (1 - g) A     cached l_base,         online, per sample (selection=
+                A: last layer's attention to the prompt     the last layer's q/k   sample); attention alone in the
+                                              (ssToken)                            warm-up
   (baselines)   selection=random, selection=all            nothing                offline
 
 The reference is the fixed pipeline's warm-up model, or in self-evolving rounds the current model theta_t.
@@ -78,12 +81,14 @@ class Scorer:
     # n_steps) -> a train.OnlineHook over the stage (Forgetting: -lambda(step) on the dropped tokens), with
     # .weights_ragged() (each token's weight when last trained: cleaned.parquet's weights) and .summary()
     step_weights: Callable | None = None
-    # online scorers that need the reference *model* while training, not cached losses (EKSFT: KL to it per
-    # position): online_hook(cfg, target, reference) -> a train.OnlineHook used instead of online.OnlineSelector,
-    # with reference a TokenLoss of the stage's reference (the fixed pipeline's warm-up model; a self-evolving
-    # round's theta_t) on this rank's device; it has the selector's scores_ragged/keep_ragged/summary, and
-    # arrays() (rel -> Ragged: stored beside the scores)
+    # online scorers whose per-batch choice needs more than score(cached, current): online_hook(cfg, target, cached,
+    # reference) -> a train.OnlineHook used instead of online.OnlineSelector, with its results (scores_ragged,
+    # keep_ragged, summary, arrays: rel -> Ragged stored beside the scores). ssToken: per-sample normalisation and
+    # the last layer's attention; EKSFT: KL to the reference *model* per position
     online_hook: Callable | None = None
+    # online_hook's `reference`: a whole copy of the stage's reference model on this rank (the fixed pipeline's
+    # warm-up model; a self-evolving round's theta_t), else None
+    reference_model: bool = False
 
 
 def names() -> list[str]:

@@ -264,7 +264,7 @@ class EKSFTHook:
                 "eksft_lambda_entropy_last": last[0], "eksft_lambda_kl_last": last[1]}
 
 
-def online_hook(cfg, target: Ragged, reference) -> EKSFTHook:
+def online_hook(cfg, target: Ragged, cached, reference) -> EKSFTHook:
     return EKSFTHook(cfg, target, reference)
 
 
@@ -280,4 +280,4 @@ def validate(cfg) -> None:
 
 
 SCORER = Scorer("eksft", needs_reference=True, uses_base=False, online=True, own_rules=True, cached=None,
-                online_hook=online_hook, validate=validate)
+                online_hook=online_hook, reference_model=True, validate=validate)

@@ -223,6 +223,10 @@ class OnlineSelector:
     def keep_ragged(self) -> Ragged:
         return self.target.like(self.keep.copy())
 
+    def arrays(self) -> dict:
+        """Per-token arrays of the scorer's own to store beside the scores (rel -> Ragged): none here."""
+        return {}
+
     def summary(self) -> dict:
         seen = ~np.isnan(self.scores) & self.is_target
         return {"online_tokens_seen": int(seen.sum()), "online_tokens_trained": int(self.trained),
