@@ -28,8 +28,15 @@ def test_task_accuracy_of_every_model_is_recorded_and_matches_a_direct_evaluatio
 
 
 def test_a_task_without_offline_data_fails_before_any_model_loads(tmp_path):
-    proc = run_cli(["model=tiny", "tracking=none", "eval.tasks=[truthfulqa_mc2]"], tmp_path / "run",
+    proc = run_cli(["model=tiny", "tracking=none", "eval.tasks=[tydiqa]"], tmp_path / "run",
                    env={"TOKENCLEAN_CACHE": str(tmp_path / "cache")}, check=False)
     assert proc.returncode == 2
-    assert "truthfulqa_mc2" in proc.stderr and "eval.include_path" in proc.stderr
+    assert "tydiqa" in proc.stderr and "eval.include_path" in proc.stderr
+    assert not (tmp_path / "cache").exists()
+    # a task whose data is fetched once (make eval-data), not yet fetched: the one-line fix, before any model loads
+    proc = run_cli(["model=tiny", "tracking=none", "eval.tasks=[truthfulqa_mc2]"], tmp_path / "run2",
+                   env={"TOKENCLEAN_CACHE": str(tmp_path / "cache"), "TOKENCLEAN_DATA": str(tmp_path / "data")},
+                   check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "truthful_qa/questions.json is missing" in proc.stderr and "make data" in proc.stderr
     assert not (tmp_path / "cache").exists()

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests import test_distributed as dist
 from tests.cli import ROOT, TINY, load_array, run_cli, same_weights, stages
 from tests.conftest import random_examples
 from tests.test_config import typed
@@ -96,6 +97,9 @@ def test_one_step_trains_the_tokens_at_or_above_tau_by_their_mean(tiny_lm, accel
 TAU = 0.001
 
 
+dist_env = dist.dist_env   # test_distributed's fixture: the launched processes' environment
+
+
 @pytest.fixture(scope="module")
 def fixed_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("profit") / "fixed"
@@ -143,3 +147,23 @@ def test_self_evolving_rounds_after_the_first_select_with_it(tmp_path):
     assert st["round_1"]["online_prepasses"] == 0 and "round_1.select" not in st
     n_kept, n_target = check_decisions(load_array(run / "round_1/keep"), load_array(run / "round_1/scores"))
     assert st["round_1"]["tokens_kept"] == n_kept and st["round_0"]["tokens_kept"] == st["round_0"]["tokens_target"]
+
+
+def test_ddp_two_processes_equal_one(dist_env, tmp_path):
+    """Each token's decision is its own probability, and the step's kept count (the loss normaliser) is summed over
+    both ranks and their micro-batches (the pre-pass): 2 processes x 2 micro-batches decide and train as 1."""
+    job = [*CLI, f"scorer.profit.tau={TAU}", "data.eval_size=16", "training.micro_batch_size=2",
+           "training.max_steps=4"]   # kept short
+    one, two = tmp_path / "one", tmp_path / "two"
+    dist.run_ok(dist_env, tmp_path, [*job, f"hydra.run.dir={one}"], config="single.yaml")
+    dist.run_ok(dist_env, tmp_path, [*job, f"hydra.run.dir={two}"], config="ddp.yaml",
+                launcher_args=["--num_processes", "2"])
+    keep_one, keep_two = (np.load(d / "keep.values.npy") for d in (one, two))
+    assert 0 < keep_one.sum() < len(keep_one)
+    np.testing.assert_array_equal(keep_two, keep_one)
+    from safetensors.torch import load_file
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (one, two))
+    for k in a:
+        diff = (b[k] - a[k]).abs()
+        assert diff.norm() <= dist.RTOL_FRO * a[k].norm(), (k, (diff.norm() / a[k].norm()).item())
+        assert diff.max() <= dist.ATOL_MAX, (k, diff.max().item())
