@@ -265,6 +265,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_end(fixed_run, tmp_path):
     assert same_weights(resumed / "final", fixed_run / "final")
 
 
+@pytest.mark.slow   # 28 s; the base history's resume runs by default
 def test_an_ema_history_resumes_to_the_same_end(tmp_path):
     """The history copy is part of the resume state: killed after step 3 (saved after 2), the rerun ends as the
     uninterrupted run does."""
@@ -291,7 +292,7 @@ def test_self_evolving_rounds_after_the_first_select_with_it(tmp_path):
     assert st["round_0"]["tokens_kept"] == st["round_0"]["tokens_target"]
 
 
-@pytest.mark.parametrize("history", ["base", "ema"])
+@pytest.mark.parametrize("history", ["base", pytest.param("ema", marks=pytest.mark.slow)])   # ema: 29 s more
 def test_ddp_two_processes_equal_one(dist_env, tmp_path, history):
     """Each sample is ranked from its own training forward, so 2 processes x 2 micro-batches choose what 1 process
     chooses, and the step's normaliser (the sum of floor(0.6 n) over its samples) is the same: the same update.
