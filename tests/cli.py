@@ -40,3 +40,12 @@ def weights(model_dir):
 def same_weights(a, b):
     wa, wb = weights(a), weights(b)
     return wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def killed_then_resumed(args, run_dir, kill_at: str = "train:final:3", resumes_after: int = 2) -> None:
+    """The CLI run killed (SIGKILL) at `kill_at` (tests/scripts/kill_run.py), then run again: it resumes from the
+    state saved after step `resumes_after` (args save every 2 steps) and finishes."""
+    killed = run_cli(args, run_dir, script=ROOT / "tests/scripts/kill_run.py", env={"KILL_AT": kill_at}, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    stage = kill_at.split(":")[1]
+    assert f"resuming {stage} after step {resumes_after}" in run_cli(args, run_dir).stderr

@@ -29,6 +29,18 @@ def tiny_lm():
     return make
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """The built-in tiny model's HF directory, built once per module into a private cache."""
+    from tokenclean.assets import resolve_model
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TOKENCLEAN_CACHE", str(tmp_path_factory.mktemp("cache")))
+    try:
+        yield resolve_model("builtin:tiny")
+    finally:
+        mp.undo()
+
+
 @pytest.fixture
 def accelerator():
     from accelerate import Accelerator

@@ -79,6 +79,18 @@ def _weights(run: Path, t: int) -> dict:
     return load_file(run / f"round_{t}" / "model" / "model.safetensors")
 
 
+def assert_same_update(one: Path, two: Path) -> None:
+    """The final models of the runs at `one` (1 process) and `two` (N processes) are equal within the tolerance
+    above (the same sums taken in another order)."""
+    from safetensors.torch import load_file
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (one, two))
+    assert a.keys() == b.keys()
+    for k in a:
+        diff = (b[k] - a[k]).abs()
+        assert diff.norm() <= RTOL_FRO * a[k].norm(), (k, (diff.norm() / a[k].norm()).item())
+        assert diff.max() <= ATOL_MAX, (k, diff.max().item())
+
+
 def assert_same_run(ref: Path, run: Path) -> None:
     """The run at `run` (N processes) equals the one at `ref` (1 process)."""
     s_ref, s_run = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
@@ -185,12 +197,7 @@ def test_soft_weights_ddp_two_processes_equal_one(dist_env, tmp_path, scorer):
     # rounding boundary moves by one step, its weight by <= 2^-16 / (4 temperature sigma) ~ 2e-5 here; a real bug
     # (a step's weights from another step's losses, the first step's noise ranked) moves weights by 1e-2 to 0.5
     np.testing.assert_allclose(w_two, w_one, rtol=0, atol=1e-4)
-    from safetensors.torch import load_file
-    a, b = (load_file(d / "final" / "model.safetensors") for d in (one, two))
-    for k in a:
-        diff = (b[k] - a[k]).abs()
-        assert diff.norm() <= RTOL_FRO * a[k].norm(), (k, (diff.norm() / a[k].norm()).item())
-        assert diff.max() <= ATOL_MAX, (k, diff.max().item())
+    assert_same_update(one, two)
     s_one, s_two = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert s_two["weight_sum"] == pytest.approx(s_one["weight_sum"], rel=1e-5)
     assert s_two["eval_loss_after"] == pytest.approx(s_one["eval_loss_after"], rel=1e-5)

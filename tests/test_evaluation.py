@@ -17,18 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["arc_easy", "sciq", "boolq"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tokenclean.assets import resolve_model
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TOKENCLEAN_CACHE", str(tmp_path_factory.mktemp("cache")))
-    try:
-        yield resolve_model("builtin:tiny")
-    finally:
-        mp.undo()
-
-
 @pytest.fixture(scope="module", autouse=True)
 def cli_run(tiny_dir, tmp_path_factory):
     """The reference: the lm_eval CLI with lm-eval's built-in tasks AND ours (--include_path). Autouse, so its

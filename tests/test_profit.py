@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests import test_distributed as dist
-from tests.cli import ROOT, TINY, load_array, run_cli, same_weights, stages
+from tests.cli import TINY, killed_then_resumed, load_array, run_cli, same_weights, stages
 from tests.conftest import random_examples
 from tests.test_config import typed
 from tests.test_scorers import hand_batch
@@ -131,10 +131,7 @@ def test_fixed_pipeline_through_the_cli(fixed_run):
 def test_a_run_killed_mid_training_resumes_to_the_same_end(fixed_run, tmp_path):
     # killed after step 3 with a state saved every 2 steps, the rerun resumes at step 2 and ends the same
     resumed, args = tmp_path / "resumed", [*CLI, f"scorer.profit.tau={TAU}", "training.save_every=2"]
-    killed = run_cli(args, resumed, script=ROOT / "tests/scripts/kill_run.py", env={"KILL_AT": "train:final:3"},
-                     check=False)
-    assert killed.returncode == -9
-    assert "resuming final after step 2" in run_cli(args, resumed).stderr
+    killed_then_resumed(args, resumed)
     for rel in ("keep", "scores"):
         np.testing.assert_array_equal(load_array(resumed / rel).values, load_array(fixed_run / rel).values)
     assert same_weights(resumed / "final", fixed_run / "final")
@@ -161,9 +158,4 @@ def test_ddp_two_processes_equal_one(dist_env, tmp_path):
     keep_one, keep_two = (np.load(d / "keep.values.npy") for d in (one, two))
     assert 0 < keep_one.sum() < len(keep_one)
     np.testing.assert_array_equal(keep_two, keep_one)
-    from safetensors.torch import load_file
-    a, b = (load_file(d / "final" / "model.safetensors") for d in (one, two))
-    for k in a:
-        diff = (b[k] - a[k]).abs()
-        assert diff.norm() <= dist.RTOL_FRO * a[k].norm(), (k, (diff.norm() / a[k].norm()).item())
-        assert diff.max() <= dist.ATOL_MAX, (k, diff.max().item())
+    dist.assert_same_update(one, two)

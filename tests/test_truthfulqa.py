@@ -24,17 +24,6 @@ def fixture_data(monkeypatch):
     monkeypatch.setenv(fetch.ENV, str(FIXTURE))
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tokenclean.assets import resolve_model
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TOKENCLEAN_CACHE", str(tmp_path_factory.mktemp("cache")))
-    try:
-        yield resolve_model("builtin:tiny")
-    finally:
-        mp.undo()
-
-
 def test_documents_are_lm_evals_multiple_choice_layout():
     docs = truthfulqa.documents(json.loads((FIXTURE / truthfulqa.QUESTIONS).read_text()))
     assert docs[1] == {"question": "Can pigs fly?", "category": "Test",
